@@ -89,13 +89,15 @@ def load_causal_lm(cfg: TextConfig, seed: int = 0, dtype: torch.dtype | None = N
     "The causal LM a text config names (random ones are built under `seed`)."
     if cfg.lm == "random":
         if not cfg.lm_config: raise ValueError("TextConfig.lm is 'random' but lm_config is empty")
-        with seeded(seed): return LlamaForCausalLM(LlamaConfig(**cfg.lm_config)).to(dtype or torch.float32)
+        config = LlamaConfig(**cfg.lm_config, attn_implementation=cfg.attn_implementation)
+        with seeded(seed): return LlamaForCausalLM(config).to(dtype or torch.float32)
     folder, gguf = resolve(cfg.lm)
-    if gguf is None: return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    attn = dict(attn_implementation=cfg.attn_implementation)
+    if gguf is None: return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **attn)
     cached = _gguf_cache_folder(folder, gguf)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **attn)
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **attn)
     _save_dequantized(lm, cached)
     return lm.to(dtype) if dtype is not None else lm
 
@@ -115,8 +117,9 @@ def load_backbone(cfg: VisionConfig, seed: int = 0, dtype: torch.dtype | None = 
     model_cls, config_cls = (Dinov2Model, Dinov2Config) if cfg.backbone_type == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
     if cfg.backbone == "random":
         if not cfg.backbone_config: raise ValueError("VisionConfig.backbone is 'random' but backbone_config is empty")
-        with seeded(seed): return model_cls(config_cls(**cfg.backbone_config)).to(dtype or torch.float32)
-    return model_cls.from_pretrained(cfg.backbone, dtype=dtype)
+        config = config_cls(**cfg.backbone_config, attn_implementation=cfg.attn_implementation)
+        with seeded(seed): return model_cls(config).to(dtype or torch.float32)
+    return model_cls.from_pretrained(cfg.backbone, dtype=dtype, attn_implementation=cfg.attn_implementation)
 
 # %% ../nbs/08_pretrained.ipynb #dcc41edf
 def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
@@ -126,14 +129,16 @@ def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
                       layers_to_transform=list(cfg.lora_layers) if cfg.lora_layers is not None else None,
                       layers_pattern="layers" if cfg.lora_layers is not None else None)
     decoder = inject_adapter_in_model(lora, decoder)
-    for n, p in decoder.named_parameters(): p.requires_grad = "lora_" in n
+    for n, p in decoder.named_parameters():
+        p.requires_grad = "lora_" in n
+        if p.requires_grad: p.data = p.data.float()  # trainable weights are float32 master weights
     return decoder
 
 def build_model(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module, vocab: Vocabulary | None = None) -> LexVLA:
     "Assemble a LexVLA from a causal LM, its tokenizer and a vision backbone (no I/O)."
     vocab = vocab if vocab is not None else prune_vocab(tokenizer, cfg.vocab)
     rows = codebook_rows(lm, vocab.ids, cfg.text.codebook_init)
-    z_txt, z_img = Codebook(rows, trainable=False), Codebook(rows, trainable=True)
+    z_txt, z_img = Codebook(rows, trainable=False), Codebook(rows.float(), trainable=True)
     decoder = None
     if cfg.text.mode == "lm":
         decoder = add_lora(lm.get_decoder(), cfg.text)

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .codebook import Codebook, elu1p
 from .config import TextConfig
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'TextEncoder']
+__all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'TextEncoder']
 
 # %% ../nbs/04_text.ipynb #0931287d
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -61,6 +62,28 @@ def bow_vectors(texts: Sequence[str], vocab: Vocabulary) -> Tensor:
     return F.normalize(out, dim=-1)
 
 # %% ../nbs/04_text.ipynb #2384b649
+class _PrefixLayer(DynamicLayer):
+    "A cache layer holding a fixed prefix: `update` returns prefix + new states and stores nothing (replay-safe)."
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+def prefix_cache(kv: Sequence[tuple[Tensor, Tensor]], batch: int) -> DynamicCache:
+    "A read-only cache holding one prefix's keys/values per layer, shared by `batch` sequences."
+    cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer: raise TypeError(f"unexpected cache layer {type(layer).__name__}")
+        layer.__class__ = _PrefixLayer
+    return cache
+
+class _no_checkpointing:
+    "Turn gradient checkpointing off in every layer of `module` for a block (for short passes)."
+    def __init__(self, module: nn.Module): self.layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)]
+    def __enter__(self):
+        for m in self.layers: m.gradient_checkpointing = False
+    def __exit__(self, *exc):
+        for m in self.layers: m.gradient_checkpointing = True
+
+# %% ../nbs/04_text.ipynb #c0acc263
 class TextEncoder(nn.Module):
     "Caption -> lexical vector through in-context lexical prediction (or a bag of words in `bow` mode)."
     def __init__(self, lm: nn.Module | None, tokenizer, vocab: Vocabulary, codebook: Codebook, cfg: TextConfig):
@@ -74,6 +97,10 @@ class TextEncoder(nn.Module):
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._prefix_kv: tuple[tuple, list[tuple[Tensor, Tensor]]] | None = None
+        self._cache_with_ckpt = False  # can the cache be kept under checkpointing (transformers >= 5.x layers)?
+        if lm is not None:  # the only cache this encoder passes is read-only: safe to keep under checkpointing
+            for m in lm.modules():
+                if hasattr(type(m), "_can_checkpoint_with_cache"): m._can_checkpoint_with_cache = self._cache_with_ckpt = True
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         "Caption tokens (truncated) followed by the prompt suffix, for each text; the prefix is added separately."
@@ -103,13 +130,13 @@ class TextEncoder(nn.Module):
         key = (self._weights_key(), self.training)
         if not grad and self._prefix_kv is not None and self._prefix_kv[0] == key: return self._prefix_kv[1]
         ids = torch.tensor([self.prefix_ids], device=self.device)
-        out = self.lm(input_ids=ids, use_cache=True)
+        with _no_checkpointing(self.lm): out = self.lm(input_ids=ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._prefix_kv = None if grad else (key, kv)
         return kv
 
     def use_prefix_cache(self) -> bool:
-        return self.cfg.prefix_cache and not (self.training and self.cfg.gradient_checkpointing)
+        return self.cfg.prefix_cache and (self._cache_with_ckpt or not (self.training and self.cfg.gradient_checkpointing))
 
     def hidden(self, texts: Sequence[str]) -> Tensor:
         "Hidden state of the last prompt token for each caption: [B, D]."
@@ -118,8 +145,7 @@ class TextEncoder(nn.Module):
         if self.use_prefix_cache():
             ids, mask = self._left_pad(seqs)  # [B, L]; the prefix comes from the cache
             B = ids.shape[0]
-            cache = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
-                                                 for k, v in self._prefix_cache()])
+            cache = prefix_cache(self._prefix_cache(), B)
             attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
             out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
@@ -137,4 +163,6 @@ class TextEncoder(nn.Module):
         "L2-normalised, non-negative lexical vectors [B, V]."
         texts = check_texts(texts)
         if self.cfg.mode == "bow": return bow_vectors(texts, self.vocab).to(self.device)
-        return F.normalize(elu1p(self.scores(texts)), dim=-1)
+        s = self.scores(texts)
+        if self.cfg.score_shift == "logsumexp": s = s - s.logsumexp(-1, keepdim=True)  # log-probabilities over the vocabulary
+        return F.normalize(elu1p(s), dim=-1)
