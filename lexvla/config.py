@@ -44,6 +44,7 @@ class TextConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_layers: tuple[int, ...] | None = None  # None: every layer; else only these decoder layers get LoRA
     max_caption_tokens: int = 64  # captions are truncated to this many tokens
+    score_shift: str = "logsumexp"  # "logsumexp": ELU1p of the LM's log-probabilities; "none": of its raw logits
     prefix_cache: bool = True  # compute the static prompt prefix once per batch (a speed-up, same result)
     gradient_checkpointing: bool = False  # on the LM (the prefix cache is read-only, so it is kept under checkpointing)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the LM: "sdpa" (fused), "eager" (reference)
@@ -52,6 +53,8 @@ class TextConfig:
         if self.prompt.count("{text}") != 1:
             raise ValueError(f"TextConfig.prompt must contain exactly one '{{text}}' slot, got {self.prompt!r}")
         if self.mode not in ("lm", "bow"): raise ValueError(f"TextConfig.mode must be 'lm' or 'bow', got {self.mode!r}")
+        if self.score_shift not in ("logsumexp", "none"):
+            raise ValueError(f"TextConfig.score_shift must be 'logsumexp' or 'none', got {self.score_shift!r}")
         if self.codebook_init not in ("lm_head", "input_embeddings"):
             raise ValueError(f"TextConfig.codebook_init must be 'lm_head' or 'input_embeddings', got {self.codebook_init!r}")
 
@@ -117,7 +120,11 @@ def _from_plain(cls: type, d: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown: raise ValueError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}. Valid: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
+    out = {}
+    for k, v in d.items():
+        try: out[k] = _coerce(hints[k], v)
+        except ValueError as e: raise ValueError(f"{cls.__name__}.{k}: {e}") from None
+    return cls(**out)
 
 def _coerce(tp: Any, v: Any) -> Any:
     if v is None: return None
