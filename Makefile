@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 ## Main job: train the default small setup, then evaluate it (outputs under $(RUN)/).
 train: install
 	mkdir -p $(RUN)
-	cd nbs && HF_HUB_OFFLINE=1 ../$(BIN)/papermill train.ipynb ../$(RUN)/train.ipynb -p out_dir ../$(RUN) $(NB_ARGS)
+	cd nbs && HF_HUB_OFFLINE=1 ../$(BIN)/papermill --log-output train.ipynb ../$(RUN)/train.ipynb -p out_dir ../$(RUN) $(NB_ARGS)
 
 ## Tests: clean notebooks, library in sync, nbdev_test, pytest (per-notebook results).
 test: install check-clean check-export nbtest pytest
