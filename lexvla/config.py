@@ -20,7 +20,7 @@ from .vocab import VocabRule
 
 # %% auto #0
 __all__ = ['LLAMA2_7B', 'DESIGN_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SMOLLM2', 'CONFIGS',
-           'TextConfig', 'VisionConfig', 'LexVLAConfig', 'get_config', 'list_configs', 'count_parameters']
+           'TextConfig', 'VisionConfig', 'ConfigIO', 'LexVLAConfig', 'get_config', 'list_configs', 'count_parameters']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -84,8 +84,22 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.backbone_type must be 'dinov2' or 'clip', got {self.backbone_type!r}")
 
 # %% ../nbs/02_config.ipynb #d3fa037f
+class ConfigIO:
+    "JSON/YAML round trip for frozen dataclass configs (reading back checks every key); shared by all configs."
+    def to_dict(self) -> dict: return _to_plain(self)
+    def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
+    def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    @classmethod
+    def from_dict(cls, d: dict): return _from_plain(cls, d)
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict:
+        "The mapping in a `.json`, `.yaml` or `.yml` file."
+        path = Path(path)
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
 @dataclass(frozen=True)
-class LexVLAConfig:
+class LexVLAConfig(ConfigIO):
     "Everything needed to build a LexVLA model (not how to train it)."
     name: str = "custom"
     vocab: VocabRule = field(default_factory=VocabRule)
@@ -94,17 +108,10 @@ class LexVLAConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07, learnable
     seed: int = 0
 
-    def to_dict(self) -> dict: return _to_plain(self)
-    def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
-    def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
-    @classmethod
-    def from_dict(cls, d: dict) -> LexVLAConfig: return _from_plain(cls, d)
     @classmethod
     def from_file(cls, path: str | Path) -> LexVLAConfig:
         "Read a config from a `.json`, `.yaml` or `.yml` file."
-        path = Path(path)
-        text = path.read_text()
-        return cls.from_dict(json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
+        return cls.from_dict(cls.read_file(path))
     def replace(self, **kw) -> LexVLAConfig: return replace(self, **kw)
 
 # %% ../nbs/02_config.ipynb #11194295

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import LexVLAConfig, _from_plain, _to_plain, get_config
+from .config import ConfigIO, LexVLAConfig, _from_plain, get_config
 from .core import seed_everything
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
@@ -51,7 +51,7 @@ FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 GROUPS = ("lora", "adapter", "codebook", "vit", "logit_scale")
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigIO):
     "How to train a LexVLA model (DESIGN.md §7): model, data, objective, optimiser, schedule, precision, checkpoints."
     data: DataConfig                         # the webdataset shards and batching (batch_size is per process)
     model: str = "tiny"                      # registered config name ('paper', 'smol', 'tiny') or a LexVLAConfig .yaml/.json
@@ -102,18 +102,12 @@ class TrainConfig:
         if not self.resume: _bad("resume", "'auto', 'never' or a checkpoint folder", self.resume)
 
     def lr(self, group: str) -> float: return getattr(self, f"lr_{group}")
-    def to_dict(self) -> dict: return _to_plain(self)
-    def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
-    def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig: return _from_plain(cls, d)
     @classmethod
     def from_file(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         "Read a `.yaml`/`.yml`/`.json` file, then apply `key=value` overrides (dotted keys, YAML values)."
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"train config {path} does not exist")
-        text = path.read_text()
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        d = cls.read_file(path)
         if not isinstance(d, dict): raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
         return cls.from_dict(apply_overrides(d, overrides))
     def replace(self, **kw) -> TrainConfig: return replace(self, **kw)
