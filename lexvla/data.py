@@ -24,9 +24,11 @@ from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .vision import resize_center_crop as vision_resize_center_crop
+
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'REASONS', 'DataConfig', 'expand_urls', 'Skipped', 'read_shard', 'decode_sample', 'CorruptDataError',
-           'CorruptCounter', 'shard_plan', 'PairStream', 'resize_center_crop', 'resolve_rank', 'PairLoader',
+           'CorruptCounter', 'shard_plan', 'PairStream', 'default_transform', 'resolve_rank', 'PairLoader',
            'write_shards']
 
 # %% ../nbs/11_data.ipynb #59b6372d
@@ -251,15 +253,10 @@ class PairStream(IterableDataset):
 
 # %% ../nbs/11_data.ipynb #a41f672f
 def _to_tensor(img: Image.Image, size: int) -> Tensor:
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    l, t = (w - size) // 2, (h - size) // 2
-    img = img.crop((l, t, l + size, t + size))
+    img = vision_resize_center_crop(img, size)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
-def resize_center_crop(size: int) -> Callable[[Image.Image], Tensor]:
+def default_transform(size: int) -> Callable[[Image.Image], Tensor]:
     "Transform: scale the shorter side to `size`, centre-crop a square, float tensor [3, size, size] in [0, 1]."
     return partial(_to_tensor, size=size)
 
@@ -284,7 +281,7 @@ class PairLoader:
         _check_strict_pil()
         self.cfg = cfg
         self.rank, self.world_size = resolve_rank(rank, world_size)
-        self.dataset = PairStream(cfg, transform or resize_center_crop(cfg.image_size), self.rank, self.world_size)
+        self.dataset = PairStream(cfg, transform or default_transform(cfg.image_size), self.rank, self.world_size)
         urls = self.dataset.urls
         if not urls: raise ValueError(f"DataConfig.urls={cfg.urls!r} names no shards")
         missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]

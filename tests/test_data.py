@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lexvla.data import CorruptDataError, DataConfig, PairLoader, resize_center_crop, resolve_rank
+from lexvla.data import CorruptDataError, DataConfig, PairLoader, default_transform, resolve_rank
 
 
 def _jpg(i: int) -> bytes:
@@ -50,7 +50,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
 def _read(d: Path, num_workers: int, **kw) -> tuple[dict[str, str], PairLoader]:
     cfg = DataConfig(urls=str(d), batch_size=2, resampled=False, shuffle_buffer=3, num_workers=num_workers,
                      drop_last=False, **kw)
-    loader = PairLoader(cfg, resize_center_crop(16))
+    loader = PairLoader(cfg, default_transform(16))
     got = {}
     for b in loader:
         assert b["image"].shape[1:] == (3, 16, 16)
