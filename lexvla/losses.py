@@ -89,7 +89,7 @@ def overuse(s: Tensor, eps: float = 1e-12) -> Tensor:
     a = s.abs().mean(0)
     return (a / (a.sum() + eps) * a).sum()
 
-# %% ../nbs/10_losses.ipynb #a98a4f2c
+# %% ../nbs/10_losses.ipynb #3a50b898
 def concentration(s: Tensor, eps: float = 1e-12) -> Tensor:
     "Concentration of word usage in a [B, V] batch: sum_j p_j^2 with p_j word j's share of the activation mass."
     _check_batch(s, "concentration")
