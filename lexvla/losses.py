@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'warmup_weight', 'LossConfig',
-           'lexical_loss']
+__all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised', 'warmup_weight',
+           'LossConfig', 'lexical_loss']
 
 # %% ../nbs/10_losses.ipynb #ba8a2e79
 def _dist_info() -> tuple[int, int]:
@@ -96,7 +96,16 @@ def concentration(s: Tensor, eps: float = 1e-12) -> Tensor:
     a = s.abs().mean(0)
     return (a / (a.sum() + eps)).pow(2).sum()
 
-OVERUSE: dict[str, Callable[[Tensor], Tensor]] = {"share_weighted": overuse, "concentration": concentration}
+def peak_normalised(s: Tensor, eps: float = 1e-12) -> Tensor:
+    """Peak-normalised overuse penalty of a [B, V] batch: sum_j a_j * r_j with a_j the mean activation of word j and
+    r_j = a_j / max_i s_ij its average normalised by its peak (1/B: on for one sample; 1: equally on for all)."""
+    _check_batch(s, "peak_normalised")
+    s = s.abs()
+    a, peak = s.mean(0), s.amax(0)
+    return (a * a / (peak + eps)).sum()
+
+OVERUSE: dict[str, Callable[[Tensor], Tensor]] = {"share_weighted": overuse, "concentration": concentration,
+                                                  "peak_normalised": peak_normalised}
 
 # %% ../nbs/10_losses.ipynb #c10421dc
 def warmup_weight(lam: float, step: int, warmup_steps: int) -> float:
@@ -112,6 +121,7 @@ class LossConfig:
     overuse: str = "share_weighted"    # key of OVERUSE
     warmup_steps: int = 0              # quadratic warm-up of both weights over this many steps (0 = off)
     use_overuse: bool = True           # False = the paper's "FLOPs" ablation (lambda_overuse treated as 0)
+    overuse_on: str = "both"           # towers the overuse term charges: "both", "image" or "text"
     gather: bool = True                # contrastive negatives from all ranks
     max_logit_scale: float = 100.0     # clamp of exp(logit_scale), as in CLIP
 
@@ -120,6 +130,8 @@ class LossConfig:
             if getattr(self, n) < 0: raise ValueError(f"LossConfig.{n} must be >= 0, got {getattr(self, n)}")
         if self.overuse not in OVERUSE:
             raise ValueError(f"LossConfig.overuse={self.overuse!r} is not one of {sorted(OVERUSE)}")
+        if self.overuse_on not in ("both", "image", "text"):
+            raise ValueError(f"LossConfig.overuse_on={self.overuse_on!r} is not one of ['both', 'image', 'text']")
 
     def weights(self, step: int) -> tuple[float, float]:
         "(lambda_flops, lambda_overuse) at training step `step`, warm-up and ablation applied."
@@ -140,6 +152,8 @@ def lexical_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig
     terms = {"nce": contrastive(img, txt, ls, gather=cfg.gather, max_scale=cfg.max_logit_scale),
              "flops_img": flops(img), "flops_txt": flops(txt), "over_img": over_fn(img), "over_txt": over_fn(txt)}
     total = terms["nce"] + lf * (terms["flops_img"] + terms["flops_txt"])
-    if lo > 0: total = total + lo * (terms["over_img"] + terms["over_txt"])
+    if lo > 0:
+        if cfg.overuse_on in ("both", "image"): total = total + lo * terms["over_img"]
+        if cfg.overuse_on in ("both", "text"): total = total + lo * terms["over_txt"]
     return {"loss": total, **terms, "lambda_flops": torch.tensor(lf), "lambda_overuse": torch.tensor(lo),
             "scale": ls.detach().exp().clamp(max=cfg.max_logit_scale)}
