@@ -34,7 +34,7 @@ def get_world(world_dir: str | Path, n_train: int = 6000, n_test: int = 200, see
 def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "smol", max_steps: int = 160,
                    batch_size: int = 32, lr: float = 1e-3, lr_lora: float = 2e-4, warmup_steps: int = 16,
                    lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
-                   overuse: str = "share_weighted", overuse_on: str = "both", seed: int = 0,
+                   overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 0, seed: int = 0,
                    save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
                    progress: bool = True, model=None):
     """Train on the world's training shards with the main job's recipe; returns `lexvla.train.TrainResult`.
@@ -51,7 +51,7 @@ def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "s
         mixed_precision="auto", log_every=10, save_every=save_every, keep_checkpoints=2, out_dir=str(out_dir),
         seed=seed, progress=progress,
         loss=LossConfig(lambda_flops=lambda_flops, lambda_overuse=lambda_overuse, use_overuse=use_overuse,
-                        overuse=overuse, overuse_on=overuse_on))
+                        overuse=overuse, overuse_on=overuse_on, warmup_steps=reg_warmup_steps))
     return train(tcfg, model=model)
 
 # %% ../nbs/15_experiments.ipynb #3673d32b
