@@ -32,9 +32,9 @@ def get_world(world_dir: str | Path, n_train: int = 6000, n_test: int = 200, see
 
 # %% ../nbs/15_experiments.ipynb #47a77940
 def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "smol", max_steps: int = 160,
-                   batch_size: int = 32, lr: float = 1e-3, lr_lora: float = 2e-4, warmup_steps: int = 16,
+                   batch_size: int = 32, lr: float = 2e-3, lr_lora: float = 2e-4, warmup_steps: int = 16,
                    lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
-                   overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 0, seed: int = 0,
+                   overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 120, seed: int = 0,
                    save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
                    progress: bool = True, model=None):
     """Train on the world's training shards with the main job's recipe; returns `lexvla.train.TrainResult`.
