@@ -244,8 +244,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Each rank writes its own result file (written whole, then renamed): two ranks printing to one shared stdout can
+# interleave their lines under load, which once made this test fail although training was fine.
 DDP_SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
+from pathlib import Path
 from lexvla.train import TrainConfig, train
 cfg = TrainConfig.from_file(sys.argv[1])
 full = train(cfg.replace(out_dir=cfg.out_dir + "/full"))
@@ -253,9 +256,14 @@ part = train(cfg.replace(out_dir=cfg.out_dir + "/part"), stop_at=3)
 resumed = train(cfg.replace(out_dir=cfg.out_dir + "/part"))
 a, b = full.model.trainable_state_dict(), resumed.model.trainable_state_dict()
 same = all(torch.equal(a[n], b[n]) for n in a)
-print(json.dumps({"same": same, "resumed_from": str(resumed.resumed_from), "step": resumed.step,
-                  "loss_full": [h["loss"] for h in full.history if "loss" in h],
-                  "loss_resumed": [h["loss"] for h in resumed.history if "loss" in h]}))
+rank = int(os.environ["RANK"])
+out = Path(sys.argv[2]) / f"result_{rank}.json"
+out.parent.mkdir(parents=True, exist_ok=True)
+tmp = out.with_suffix(".tmp")
+tmp.write_text(json.dumps({"rank": rank, "same": same, "resumed_from": str(resumed.resumed_from), "step": resumed.step,
+                           "loss_full": [h["loss"] for h in full.history if "loss" in h],
+                           "loss_resumed": [h["loss"] for h in resumed.history if "loss" in h]}))
+os.replace(tmp, out)
 """
 
 
@@ -266,11 +274,13 @@ def test_two_process_ddp_pause_and_resume(shards, tmp_path):
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **THREADS}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(_free_port()), str(tmp_path / "ddp.py"), str(tmp_path / "ddp.yaml")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                        "--master_port", str(_free_port()), str(tmp_path / "ddp.py"), str(tmp_path / "ddp.yaml"),
+                        str(tmp_path / "results")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2   # one line per rank
+    files = sorted((tmp_path / "results").glob("result_*.json"))
+    assert [f.name for f in files] == ["result_0.json", "result_1.json"], files   # one file per rank
+    results = [json.loads(f.read_text()) for f in files]
+    assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["same"] and r["step"] == 5 and r["resumed_from"].endswith("step_000003")
         assert r["loss_full"] == r["loss_resumed"]
