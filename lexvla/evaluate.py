@@ -20,7 +20,8 @@ from .text import content_words
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['word_indices', 'false_activation_share', 'chance_false_share', 'chance_miou', 'evaluate_world']
+__all__ = ['word_indices', 'false_activation_share', 'chance_false_share', 'word_precision_at_k', 'chance_word_precision',
+           'chance_miou', 'evaluate_world']
 
 # %% ../nbs/14_evaluate.ipynb #b531794c
 def word_indices(words: Sequence[str], vocab: Vocabulary) -> list[int]:
@@ -43,6 +44,18 @@ def false_activation_share(vecs: Tensor, true_words: Sequence[Sequence[str]], vo
 def chance_false_share(true_words: Sequence[Sequence[str]], vocab: Vocabulary) -> float:
     "The false-activation share of a vector spread evenly over the whole vocabulary, averaged over images."
     return float(np.mean([1 - len(word_indices(ws, vocab)) / len(vocab) for ws in true_words]))
+
+# %% ../nbs/14_evaluate.ipynb #c10b99b3
+def word_precision_at_k(vecs: Tensor, true_words: Sequence[Sequence[str]], vocab: Vocabulary, k: int = 5) -> Tensor:
+    "For each vector, the share of its k highest-weighted words that are among its true words: [B] in [0, 1]."
+    if len(vecs) != len(true_words): raise ValueError(f"{len(vecs)} vectors but {len(true_words)} word lists")
+    if not 1 <= k <= vecs.shape[-1]: raise ValueError(f"k must be in [1, {vecs.shape[-1]}], got {k}")
+    top = vecs.float().topk(k, dim=-1).indices
+    return torch.tensor([len(set(t.tolist()) & set(word_indices(ws, vocab))) / k for t, ws in zip(top, true_words)])
+
+def chance_word_precision(true_words: Sequence[Sequence[str]], vocab: Vocabulary) -> float:
+    "Expected precision@k of k words drawn at random from the vocabulary (the same for every k), averaged over images."
+    return float(np.mean([len(word_indices(ws, vocab)) / len(vocab) for ws in true_words]))
 
 # %% ../nbs/14_evaluate.ipynb #57ae7479
 def chance_miou(dataset: SegmentationSet, num_classes: int | None = None, max_images: int | None = None) -> float:
@@ -73,8 +86,8 @@ def _true_words(karpathy_json: Path, split: str, n: int) -> list[list[str]]:
 def evaluate_world(model, world_root: str | Path, split: str = "test", max_images: int | None = None,
                    batch_size: int = 64, text_batch_size: int = 128, progress: bool = True,
                    sparsify=None, allow_empty_classes: bool = False) -> dict[str, float]:
-    """Held-out retrieval R@1/5/10, PatchDis mIoU, active words and false activations of `model` on a scene
-    world, each with its chance level (`chance_<metric>`).
+    """Held-out retrieval R@1/5/10, PatchDis mIoU, active words, false activations and word precision@5 of
+    `model` on a scene world, each with its chance level (`chance_<metric>`).
 
     `sparsify` (e.g. `partial(lexvla.sparse.topk, k=512)`) is applied to image, caption and patch vectors before
     scoring; active words and false activations are then measured on the sparsified vectors instead of after the
@@ -101,5 +114,7 @@ def evaluate_world(model, world_root: str | Path, split: str = "test", max_image
     truth = _true_words(kjson, split, len(ds.images))
     out["false_activation_share"] = float(false_activation_share(img, truth, model.vocab, sparsify=cut).mean())
     out["chance_false_activation_share"] = chance_false_share(truth, model.vocab)
+    out["word_precision@5"] = float(word_precision_at_k(img, truth, model.vocab, k=5).mean())
+    out["chance_word_precision@5"] = chance_word_precision(truth, model.vocab)
     out["n_images"], out["n_captions"], out["vocab_size"] = len(ds.images), len(ds.captions), V
     return out

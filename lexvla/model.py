@@ -70,6 +70,18 @@ class LexVLA(nn.Module):
     def forward(self, images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
         return {"image": self.encode_image(images), "text": self.encode_text(texts), "logit_scale": self.logit_scale}
 
+    def cache_frozen(self, on: bool = True) -> list[str]:
+        """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
+        LM's hidden states below its lowest LoRA layer (`04_text`). Exact; pays when samples repeat. Returns the
+        towers cached; raises when nothing is frozen."""
+        done = []
+        if self.cfg.vision.freeze_backbone: self.vision.cache_tokens(on); done.append("vision")
+        if self.text.lm is not None and self.text.first_trained_layer > 0 and self.text.use_prefix_cache():
+            self.text.cache_states(on); done.append("text")
+        if on and not done:
+            raise ValueError("cache_frozen: nothing to cache: the vision backbone trains and the LM has LoRA in layer 0")
+        return done
+
     def top_words(self, vec: Tensor, k: int = 10) -> list[tuple[str, float]]:
         "The k highest-weighted words of one lexical vector [V], as (word, weight)."
         if vec.ndim != 1 or vec.shape[0] != len(self.vocab):

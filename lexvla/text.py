@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.cache_utils import DynamicLayer
 
 from .codebook import Codebook, elu1p
@@ -97,6 +98,7 @@ class TextEncoder(nn.Module):
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._prefix_kv: tuple[tuple, list[tuple[Tensor, Tensor]]] | None = None
+        self.state_cache: dict[tuple[int, ...], Tensor] | None = None  # see `cache_states`
         self._cache_with_ckpt = False  # can the cache be kept under checkpointing (transformers >= 5.x layers)?
         if lm is not None:  # the only cache this encoder passes is read-only: safe to keep under checkpointing
             for m in lm.modules():
@@ -142,6 +144,7 @@ class TextEncoder(nn.Module):
         "Hidden state of the last prompt token for each caption: [B, D]."
         seqs = self.token_ids(texts)
         P = len(self.prefix_ids)
+        if self.state_cache is not None and self.use_prefix_cache(): return self._hidden_from_states(seqs)
         if self.use_prefix_cache():
             ids, mask = self._left_pad(seqs)  # [B, L]; the prefix comes from the cache
             B = ids.shape[0]
@@ -166,3 +169,47 @@ class TextEncoder(nn.Module):
         s = self.scores(texts)
         if self.cfg.score_shift == "logsumexp": s = s - s.logsumexp(-1, keepdim=True)  # log-probabilities over the vocabulary
         return F.normalize(elu1p(s), dim=-1)
+
+    # --- the frozen bottom of the LM as a cached feature extractor (see `cache_states`) ---
+    @property
+    def first_trained_layer(self) -> int:
+        "Index of the lowest decoder layer with LoRA (0 when every layer has it)."
+        return min(self.cfg.lora_layers) if self.cfg.lora_layers else 0
+
+    def cache_states(self, on: bool = True) -> None:
+        "Keep each caption's hidden states below the lowest LoRA layer (`on`), or drop the cache (`on=False`)."
+        if on:
+            if self.lm is None: raise ValueError("cache_states needs a language model (TextConfig.mode='lm')")
+            if self.first_trained_layer == 0:
+                raise ValueError("cache_states needs LoRA on the top layers only (TextConfig.lora_layers): with LoRA "
+                                 "in layer 0 no layer of the LM is a fixed function of the caption")
+            if not self.use_prefix_cache(): raise ValueError("cache_states needs TextConfig.prefix_cache=True")
+        self.state_cache = {} if on else None
+
+    def _run_layers(self, layers, h: Tensor, mask: Tensor, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        "Run decoder `layers` on hidden states h [B, L, D] (left-padded by `mask`) after the cached prompt prefix."
+        B, P = h.shape[0], len(self.prefix_ids)
+        cache = prefix_cache(kv, B)
+        attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
+        pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
+        causal = create_causal_mask(config=self.lm.config, inputs_embeds=h, attention_mask=attn, cache=cache,
+                                    position_ids=pos)
+        rope = self.lm.rotary_emb(h, position_ids=pos)
+        for layer in layers:
+            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=True)
+        return h
+
+    def _hidden_from_states(self, seqs: list[list[int]]) -> Tensor:
+        "`hidden` through the cached states at the lowest LoRA layer: new captions run the frozen layers once."
+        k, kv = self.first_trained_layer, self._prefix_cache()
+        new = list(dict.fromkeys(tuple(s) for s in seqs if tuple(s) not in self.state_cache))
+        if new:
+            ids, mask = self._left_pad([list(s) for s in new])
+            with torch.no_grad(): h = self._run_layers(self.lm.layers[:k], self.lm.embed_tokens(ids), mask, kv)
+            for s, row in zip(new, h): self.state_cache[s] = row[row.shape[0] - len(s):].clone()
+        states = [self.state_cache[tuple(s)] for s in seqs]
+        n, D = max(len(s) for s in states), states[0].shape[-1]
+        h = states[0].new_zeros(len(states), n, D)
+        mask = torch.zeros(len(states), n, dtype=torch.long, device=h.device)
+        for i, s in enumerate(states): h[i, n - len(s):], mask[i, n - len(s):] = s, 1
+        return self.lm.norm(self._run_layers(self.lm.layers[k:], h, mask, kv))[:, -1]

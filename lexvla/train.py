@@ -81,6 +81,7 @@ class TrainConfig(ConfigIO):
     resume: str = "auto"                     # "auto": newest checkpoint in out_dir if any; "never"; or a checkpoint folder
     resume_data: str = "replay"              # "replay": fast-forward the data stream (exact); "reseed": a fresh stream (fast)
     progress: bool = True                    # tqdm progress bar on the main process
+    cache_frozen: bool = False               # cache per-sample outputs of the frozen parts (LexVLA.cache_frozen; exact, pays when samples repeat)
 
     def __post_init__(self):
         if isinstance(self.data, dict): object.__setattr__(self, "data", _from_plain(DataConfig, self.data))
@@ -423,6 +424,9 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
     if ckpt and not _is_fsdp(acc): model.load_trainable(load_file(str(ckpt / "model.safetensors")))
+    if cfg.cache_frozen:
+        towers = model.cache_frozen()
+        if main: print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample")
     model.train()
     mcfg = model.cfg
     optimizer = make_optimizer(model, cfg)

@@ -5,6 +5,7 @@
 # %% ../nbs/05_vision.ipynb #502f7dc0
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from .codebook import Codebook, elu1p
 from .config import VisionConfig
 
 # %% auto #0
-__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'Adapter', 'VisionEncoder']
+__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'Adapter', 'TokenCache', 'VisionEncoder']
 
 # %% ../nbs/05_vision.ipynb #345ba471
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -76,6 +77,36 @@ class Adapter(nn.Module):
         x = x + self.attn(h, h, h, need_weights=False)[0]
         return self.mlp(self.norm2(x))
 
+# %% ../nbs/05_vision.ipynb #4ce0c5f1
+class TokenCache:
+    "Patch tokens of a frozen backbone by image content (a hash of the preprocessed pixels)."
+    def __init__(self):
+        self.tokens: dict[bytes, Tensor] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixels: Tensor) -> bytes:
+        "A 128-bit BLAKE2b digest of one image's pixel tensor (its values, shape and dtype)."
+        x = pixels.detach().cpu().contiguous()
+        h = hashlib.blake2b(f"{tuple(x.shape)}{x.dtype}".encode(), digest_size=16)
+        h.update(x.numpy().tobytes())
+        return h.digest()
+
+    def lookup(self, pixels: Tensor, compute) -> Tensor:
+        "Tokens [B, N, D] for a pixel batch; `compute(pixels[missing])` fills in the images not seen before."
+        keys = [self.key(p) for p in pixels]
+        missing = [i for i, k in enumerate(keys) if k not in self.tokens]
+        if missing:
+            with torch.no_grad(): new = compute(pixels[missing])
+            for i, t in zip(missing, new): self.tokens[keys[i]] = t.clone()
+        self.misses += len(missing); self.hits += len(keys) - len(missing)
+        return torch.stack([self.tokens[k] for k in keys])
+
+    def __len__(self) -> int: return len(self.tokens)
+    @property
+    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.tokens.values())
+
+
 # %% ../nbs/05_vision.ipynb #df5d151c
 def _n_prefix_tokens(backbone: nn.Module) -> int:
     "CLS plus register tokens before the patch tokens."
@@ -91,6 +122,7 @@ class VisionEncoder(nn.Module):
         self.grid = (cfg.image_size // patch, cfg.image_size // patch)
         self.adapter = Adapter(width, codebook.dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
         self.n_prefix = _n_prefix_tokens(backbone)
+        self.token_cache: TokenCache | None = None  # see `cache_tokens`
         if cfg.freeze_backbone:
             for p in backbone.parameters(): p.requires_grad = False
 
@@ -108,12 +140,27 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"pixel tensor must be [B, 3, {S}, {S}] (use model.preprocess), got {tuple(x.shape)}")
         return x.to(self.device)
 
+    def cache_tokens(self, on: bool = True) -> None:
+        "Keep the frozen backbone's patch tokens of every image seen (`on`), or drop the cache (`on=False`)."
+        if on and not self.cfg.freeze_backbone:
+            raise ValueError("cache_tokens needs a frozen backbone (VisionConfig.freeze_backbone=True): a training "
+                             "backbone changes its tokens at every step")
+        self.token_cache = TokenCache() if on else None
+
+    def _backbone(self, pixels: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
+            out = self.backbone(pixel_values=pixels.to(next(self.backbone.parameters()).dtype)).last_hidden_state
+        return out[:, self.n_prefix:]
+
+    def backbone_tokens(self, pixels: Tensor) -> Tensor:
+        "The backbone's last-layer patch tokens [B, N, D] (CLS and registers dropped), from the cache when it has them."
+        pixels = self.check_pixels(pixels)
+        if self.token_cache is None: return self._backbone(pixels)
+        return self.token_cache.lookup(pixels, self._backbone)
+
     def patch_features(self, pixels: Tensor) -> Tensor:
         "Adapted patch tokens [B, N, C] (C = codebook dimension)."
-        pixels = self.check_pixels(pixels)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
-            tokens = self.backbone(pixel_values=pixels.to(next(self.backbone.parameters()).dtype)).last_hidden_state
-        return self.adapter(tokens[:, self.n_prefix:].to(self.adapter.mlp[0].weight.dtype))
+        return self.adapter(self.backbone_tokens(pixels).to(self.adapter.mlp[0].weight.dtype))
 
     def patches(self, pixels: Tensor) -> Tensor:
         "Per-patch lexical activations ELU1p(h·Z_imgᵀ), not normalised: [B, N, V]."
