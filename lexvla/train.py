@@ -39,11 +39,12 @@ from .vision import preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'LossFn', 'TrainConfig', 'apply_overrides',
-           'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
-           'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name', 'atomic_write_text',
-           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'resolve_resume',
-           'TrainResult', 'resolve_mixed_precision', 'train', 'main']
+__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'RESULT_NEUTRAL', 'LossFn', 'TrainConfig',
+           'apply_overrides', 'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform',
+           'DataCursor', 'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name',
+           'atomic_write_text', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
+           'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
+           'resolve_mixed_precision', 'train', 'main']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -78,7 +79,7 @@ class TrainConfig(ConfigIO):
     out_dir: str = "runs/train"
     seed: int = 0                            # seeds torch/numpy/python before training (the model is built under its own seed)
     tracker: str = "tensorboard"             # "tensorboard" (logs in out_dir/tensorboard) or "none"
-    resume: str = "auto"                     # "auto": newest checkpoint in out_dir if any; "never"; or a checkpoint folder
+    resume: str = "auto"                     # "auto": continue out_dir's newest checkpoint if its config matches; "fresh"; "never"; or a folder
     resume_data: str = "replay"              # "replay": fast-forward the data stream (exact); "reseed": a fresh stream (fast)
     progress: bool = True                    # tqdm progress bar on the main process
 
@@ -99,7 +100,7 @@ class TrainConfig(ConfigIO):
                   *(f"lr_{g}" for g in GROUPS)):
             if getattr(self, n) < 0: _bad(n, ">= 0", getattr(self, n))
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas): _bad("adam_betas", "two values in [0, 1)", self.adam_betas)
-        if not self.resume: _bad("resume", "'auto', 'never' or a checkpoint folder", self.resume)
+        if not self.resume: _bad("resume", "'auto', 'fresh', 'never' or a checkpoint folder", self.resume)
 
     def lr(self, group: str) -> float: return getattr(self, f"lr_{group}")
     @classmethod
@@ -334,12 +335,77 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path
     return json.loads((folder / "state.json").read_text())
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    "The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None), 'never' -> None, else the folder."
-    if cfg.resume == "never": return None
+    """The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None); 'fresh' -> None;
+    'never' -> None, or an error if out_dir holds checkpoints; else the folder named."""
+    if cfg.resume == "fresh": return None
+    if cfg.resume == "never":
+        found = latest_checkpoint(cfg.out_dir)
+        if found: raise FileExistsError(f"TrainConfig.resume='never' but out_dir {cfg.out_dir} already holds checkpoints "
+                                        f"(newest {found}); a new run there would mix with them. Use resume='fresh' to "
+                                        "move them aside first, resume='auto' to continue them, or another out_dir.")
+        return None
     if cfg.resume == "auto": return latest_checkpoint(cfg.out_dir)
     p = Path(cfg.resume)
-    if not (p / "state.json").is_file(): raise FileNotFoundError(f"TrainConfig.resume={cfg.resume!r} is not a checkpoint folder (no state.json)")
+    if not (p / "state.json").is_file():
+        raise FileNotFoundError(f"TrainConfig.resume={cfg.resume!r} is neither 'auto', 'fresh' nor 'never', nor a checkpoint "
+                                "folder (no state.json in it)")
     return p
+
+# %% ../nbs/13_train.ipynb #5e7a1c02
+RESULT_NEUTRAL = ("out_dir", "resume", "resume_data", "progress", "tracker", "log_every", "eval_every", "save_every",
+                  "keep_checkpoints", "data.pin_memory", "data.max_corrupt_fraction", "data.min_samples")
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    "A nested mapping as {dotted.key: value}."
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v: out.update(_flat(v, f"{prefix}{k}."))
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+def config_differences(saved: dict, current: dict, ignore: Sequence[str] = ()) -> list[str]:
+    "'field: saved -> current' for every (dotted) field whose value differs; `ignore` names fields or whole sections."
+    a, b = _flat(saved), _flat(current)
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)
+    absent = object()
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if not skip(k) and a.get(k, absent) != b.get(k, absent)]
+
+def _normalised(cls, d: dict) -> dict:
+    "A saved config dict with today's defaults filled in (unchanged if it no longer parses)."
+    try: return cls.from_dict(d).to_dict()
+    except (ValueError, TypeError): return d
+
+def check_resumable(ckpt: str | Path, cfg: TrainConfig, mcfg: LexVLAConfig) -> None:
+    "Raise ValueError naming every differing field if checkpoint `ckpt` was written under other settings than `cfg`/`mcfg`."
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    diffs = []
+    if state.get("train_config") is not None:
+        diffs += config_differences(_normalised(TrainConfig, state["train_config"]), cfg.to_dict(),
+                                    RESULT_NEUTRAL + ("model", "model_overrides"))
+    if (ckpt / "config.json").is_file():
+        saved = _normalised(LexVLAConfig, json.loads((ckpt / "config.json").read_text()))
+        diffs += [f"model config {d}" for d in config_differences(saved, mcfg.to_dict())]
+    if diffs:
+        raise ValueError(f"{ckpt} (step {state.get('step')}) was written by a run with other settings "
+                         f"(checkpoint -> this run):\n  " + "\n  ".join(diffs) + "\nResuming would continue that run "
+                         "under the new settings. To start a new run, pass resume='fresh' (moves the earlier run's "
+                         "outputs to out_dir/replaced/) or use another out_dir; to continue it, restore its settings.")
+
+def set_aside(out_dir: str | Path) -> Path | None:
+    "Move an earlier run's checkpoints/, history.json and tensorboard/ into out_dir/replaced/<UTC time>/; that folder, or None."
+    out_dir = Path(out_dir)
+    items = [out_dir / n for n in ("checkpoints", "history.json", "tensorboard") if (out_dir / n).exists()]
+    if not items: return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = out_dir / "replaced" / stamp
+    for i in range(1, 1000):
+        if not dest.exists(): break
+        dest = out_dir / "replaced" / f"{stamp}_{i}"
+    dest.mkdir(parents=True)
+    for p in items: os.replace(p, dest / p.name)
+    return dest
 
 # %% ../nbs/13_train.ipynb #a84aefc4
 @dataclass
@@ -353,6 +419,14 @@ class TrainResult:
     steps_per_s: float            # optimizer steps per second of training in this call (no eval, no checkpoint time)
     samples_per_s: float          # image-text pairs per second, all ranks
     resumed_from: Path | None = None
+    config: TrainConfig | None = None   # the settings of this call (a resumed run's checkpoint had the same, see check_resumable)
+
+def run_record(result: TrainResult) -> dict[str, Any]:
+    "What produced a trained model, to store with its metrics: the TrainConfig, the model's LexVLAConfig, the checkpoints."
+    return {"train_config": result.config.to_dict() if result.config is not None else None,
+            "model_config": result.model.cfg.to_dict(),
+            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None}
 
 LossFn = Callable[[dict, int, LossConfig], dict]
 
@@ -414,7 +488,13 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     if main: out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_resume(cfg)
+    if ckpt: check_resumable(ckpt, cfg, model.cfg if model is not None else model_config(cfg))
+    elif cfg.resume == "fresh" and main and (moved := set_aside(out_dir)): print(f"resume='fresh': moved the earlier run to {moved}")
+    acc.wait_for_everyone()
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else None
+    if state and main:
+        print(f"resuming from step {state['step']} of {cfg.max_steps} (checkpoint {ckpt})"
+              + ("; nothing left to train" if state["step"] >= cfg.max_steps else ""))
     if state and cfg.resume_data == "replay" and state["world_size"] != world:
         raise ValueError(f"{ckpt} was written by {state['world_size']} processes, this run has {world}: exact data replay "
                          "needs the same number; use resume_data='reseed'")
@@ -524,7 +604,7 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     final.eval()
     done = step - start_step
     return TrainResult(final, history, out_dir, last_ckpt, step, done / train_time if train_time else 0.0,
-                       (samples - start_samples) / train_time if train_time else 0.0, ckpt)
+                       (samples - start_samples) / train_time if train_time else 0.0, ckpt, cfg)
 
 def _broadcast_history(acc, history: list[dict]) -> list[dict]:
     "Eval entries exist only on the main process: share them so every rank writes the same state."

@@ -1,0 +1,105 @@
+"""Issue #21: reruns that never lie, results that reproduce, data that is never silently lost, configs that check
+their types, checkpoints others can read, errors that say what to do, and the inputs users pass.
+
+The training runs use the random `tiny` model on a few synthetic image-caption pairs on the CPU (seconds each)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lexvla.data import DataConfig, write_shards
+from lexvla.losses import LossConfig
+from lexvla.train import TrainConfig, latest_checkpoint, list_checkpoints, run_record, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image(i: int, size: int = 32) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("shards")
+    colours = ("red", "green", "blue", "yellow")
+    write_shards(((f"s{i:04d}", _image(i), f"a {colours[i % 4]} square", {}) for i in range(16)), d, samples_per_shard=8)
+    return d
+
+
+def _cfg(shards: Path, out_dir: Path, **kw) -> TrainConfig:
+    base = dict(data=DataConfig(urls=str(shards), batch_size=4, resampled=False, shuffle_buffer=8, num_workers=0),
+                model="tiny", max_steps=4, warmup_steps=1, lr_lora=1e-3, lr_adapter=1e-3, lr_codebook=1e-3,
+                lr_logit_scale=1e-3, log_every=1, save_every=2, keep_checkpoints=3, out_dir=str(out_dir),
+                mixed_precision="no", tracker="none", progress=False)
+    return TrainConfig(**(base | kw))
+
+
+def _hashes(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# 1. A rerun never silently reuses old checkpoints under new parameters
+
+def test_rerun_with_other_settings_stops_and_names_the_fields(shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(shards, out)
+    train(cfg)
+    before = _hashes(out / "checkpoints")
+    changed = cfg.replace(lr_adapter=0.5, loss=LossConfig(use_overuse=False))
+    with pytest.raises(ValueError) as e:
+        train(changed)
+    msg = str(e.value)
+    assert "lr_adapter: 0.001 -> 0.5" in msg and "loss.use_overuse: True -> False" in msg, msg
+    assert "resume='fresh'" in msg and str(latest_checkpoint(out)) in msg
+    assert [l.split(":")[0].strip() for l in msg.splitlines() if l.startswith("  ")] == ["loss.use_overuse", "lr_adapter"]
+    assert _hashes(out / "checkpoints") == before                  # nothing written, nothing resumed
+    with pytest.raises(ValueError, match=r"max_steps: 4 -> 6"):   # a longer schedule is another run too
+        train(cfg.replace(max_steps=6))
+    with pytest.raises(ValueError, match=r"model config text\.lora_r: 4 -> 2"):   # so is another model
+        train(cfg.replace(model_overrides={"text": {"lora_r": 2}}))
+    with pytest.raises(FileExistsError, match="resume='fresh'"):
+        train(cfg.replace(resume="never"))
+
+
+def test_fresh_moves_the_earlier_run_aside_and_starts_over(shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(shards, out)
+    first = train(cfg)
+    old = _hashes(out / "checkpoints")
+    res = train(cfg.replace(lr_adapter=0.5, resume="fresh"))
+    assert res.resumed_from is None and res.step == 4 and [s for s, _ in list_checkpoints(out)] == [2, 4]
+    moved = list((out / "replaced").iterdir())
+    assert len(moved) == 1 and _hashes(moved[0] / "checkpoints") == old    # kept, not deleted
+    assert json.loads((moved[0] / "history.json").read_text()) == first.history
+    w_old = first.model.trainable_state_dict()
+    assert any(not torch.equal(t, w_old[n]) for n, t in res.model.trainable_state_dict().items())
+    rec = run_record(res)
+    assert rec["train_config"]["lr_adapter"] == 0.5 and rec["train_config"] == res.config.to_dict()
+    assert rec["model_config"] == res.model.cfg.to_dict() and rec["model_config"]["name"] == "tiny"
+
+
+def test_matching_settings_resume_and_say_so(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _cfg(shards, out)
+    assert train(cfg, stop_at=2).step == 2
+    capsys.readouterr()
+    # fields that cannot change the weights may differ: logging, progress, checkpoint keeping
+    res = train(cfg.replace(log_every=2, progress=False, keep_checkpoints=1, save_every=0))
+    assert res.resumed_from.name == "step_000002" and res.step == 4
+    assert f"resuming from step 2 of 4 (checkpoint {out / 'checkpoints' / 'step_000002'})" in capsys.readouterr().out
+    assert train(cfg).step == 4
+    assert "resuming from step 4 of 4 (checkpoint" in (o := capsys.readouterr().out) and "nothing left to train" in o
