@@ -167,3 +167,49 @@ def test_run_record_holds_versions_and_commit(shards, tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["git_commit"] == (head or None)
     json.dumps(rec)   # goes into metrics.json as it is
+
+
+# 3. A truncated shard: every lost sample is counted, and the shard is named
+
+def _read_all(d: Path, **kw):
+    from lexvla.data import PairLoader, default_transform
+    cfg = DataConfig(urls=str(d), batch_size=4, resampled=False, shuffle_buffer=0, num_workers=0, drop_last=False, **kw)
+    loader = PairLoader(cfg, default_transform(16))
+    keys = [k for b in loader for k in b["key"]]
+    return keys, loader
+
+
+@pytest.fixture()
+def two_shards(tmp_path) -> list[Path]:
+    return write_shards(((f"k{i:04d}", _image(i, 24), f"caption {i}", {}) for i in range(80)), tmp_path, samples_per_shard=40)
+
+
+def test_truncated_shard_counts_every_lost_sample_and_warns(two_shards):
+    cut = two_shards[0]
+    raw = cut.read_bytes()
+    cut.write_bytes(raw[: int(len(raw) * 0.3)])
+    with pytest.warns(UserWarning, match=rf"damaged shard {cut}: (\d+) sample\(s\) lost") as rec:
+        keys, loader = _read_all(cut.parent, max_corrupt_fraction=1.0)
+    good = sum(k < "k0040" for k in keys)
+    assert 0 < good < 40 and len(keys) == good + 40
+    # every sample of the shard that did not arrive is corrupt: the lost ones, and a last one cut in half (if any)
+    c = loader.counter
+    assert (c.seen, c.skipped) == (80, 40 - good) and set(c.counts) <= {"bad_tar", "missing_caption", "bad_image"}
+    assert any(f"{c.counts['bad_tar']} sample(s) lost" in str(w.message) and "of 40 samples read" in str(w.message)
+               for w in rec.list)
+    from lexvla.data import CorruptDataError
+    with pytest.raises(CorruptDataError, match=rf"bad_tar.*{cut.name}"), pytest.warns(UserWarning, match=cut.name):
+        _read_all(cut.parent, min_samples=40)       # the default 5 % limit: far more than 5 % of the samples are gone
+
+
+def test_shard_cut_between_members_is_not_silently_short(two_shards):
+    import tarfile
+    cut = two_shards[1]
+    with tarfile.open(cut) as t:
+        members = t.getmembers()
+    m = members[3 * 10 - 1]                             # the last member (.json) of the 10th sample: 3 members each
+    end = m.offset_data + -(-m.size // 512) * 512
+    cut.write_bytes(cut.read_bytes()[:end])
+    with pytest.warns(UserWarning, match=rf"damaged shard {cut}: 30 sample\(s\) lost.*the tar ends early"):
+        keys, loader = _read_all(cut.parent, max_corrupt_fraction=1.0)
+    assert len(keys) == 50 and loader.counter.counts == {"bad_tar": 30}
