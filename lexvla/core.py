@@ -5,9 +5,11 @@
 # %% ../nbs/00_core.ipynb #d7f81d1c
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
+import re
 import subprocess
 import types
 import typing
@@ -17,27 +19,128 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 # %% auto #0
-__all__ = ['KEY_PACKAGES', 'check_params', 'seed_everything', 'in_test', 'environment_info']
+__all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
+           'in_test', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #e71fc734
+class ConfigError(ValueError):
+    "A value that does not fit its declared type; the message names the field (and the file it came from, if any)."
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+class _Loader(yaml.SafeLoader):
+    "PyYAML's safe loader, but `2e-4` and `1E5` (a number without a dot) are floats, as in YAML 1.2, not strings."
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+def load_yaml(stream: str | typing.IO) -> Any:
+    "Parse YAML safely (no Python objects), reading `2e-4` as a float; errors name the file of an open stream."
+    return yaml.load(stream, Loader=_Loader)
+
 def _resolve(ann: Any) -> Any:
     "Annotations are strings when `from __future__ import annotations` is active in the notebook."
     return eval(ann, {"typing": typing, "Any": Any}) if isinstance(ann, str) else ann
 
-def _conforms(value: Any, ann: Any) -> bool:
-    "Does `value` fit annotation `ann`? Handles plain types, `X | None`, `list[...]`/`dict[...]` (outer type only)."
-    if ann is Any: return True
-    origin = typing.get_origin(ann)
+def _describe(ann: Any) -> str:
+    "An annotation in words, for error messages."
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType): return " or ".join(_describe(a) for a in args)
+    if ann is type(None) or ann is None: return "null"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis: return f"a list (each item {_describe(args[0])})"
+    if origin is tuple: return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is list: return f"a list (each item {_describe(args[0])})" if args else "a list"
+    if origin is typing.Literal: return "one of " + ", ".join(map(repr, args))
+    if dataclasses.is_dataclass(ann): return f"a mapping of {ann.__name__} fields"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list", tuple: "a list"}.get(ann, getattr(ann, "__name__", str(ann)))
+
+def _nested(e: Exception, cls: type, field: str) -> ConfigError:
+    "An error raised inside the nested config `cls`, renamed to the outer field path `field`."
+    msg = str(e)
+    return ConfigError(field + msg[len(cls.__name__):] if msg.startswith(cls.__name__ + ".") else f"{field}: {msg}")
+
+def coerce(value: Any, ann: Any, field: str = "value") -> Any:
+    """`value` checked against the annotation `ann` and returned in its canonical form, else `ConfigError` naming `field`.
+
+    bool is strict (`"false"` is not a bool); int is not float; float accepts ints and `2e-4`-style strings (YAML 1.1
+    reads them as strings); str accepts paths; tuples and lists are checked element by element (lists become
+    tuples for tuple fields); `X | None` and unions try each type; a mapping becomes a nested dataclass."""
+    ann = _resolve(ann)
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    bad = lambda: ConfigError(f"{field} must be {_describe(ann)}, got {value!r} ({type(value).__name__})")
+    if ann is Any: return value
+    if ann is None or ann is type(None):
+        if value is None: return None
+        raise bad()
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in typing.get_args(ann))
-    if ann is None or ann is type(None): return value is None
-    if origin is not None: ann = origin
-    if ann is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ann is int: return isinstance(value, int) and not isinstance(value, bool)
-    if ann in (list, tuple): return isinstance(value, (list, tuple))
-    return isinstance(value, ann)
+        if value is None and type(None) in args: return None
+        inner = None   # the error from inside a container the value does have (a list for a tuple type, ...)
+        for a in (a for a in args if a is not type(None)):
+            try: return coerce(value, a, field)
+            except ConfigError as e:
+                if isinstance(value, _CONTAINER.get(typing.get_origin(a) or a, ()) if not dataclasses.is_dataclass(a) else dict):
+                    inner = inner or e
+        raise inner or bad()
+    if origin is typing.Literal:
+        if value in args: return value
+        raise bad()
+    if dataclasses.is_dataclass(ann):
+        if isinstance(value, ann): return value
+        if not isinstance(value, dict): raise bad()
+        try: return from_plain(ann, value)
+        except ValueError as e: raise _nested(e, ann, field) from None
+    if ann is bool:
+        if isinstance(value, bool): return value
+        raise bad()
+    if ann is int:
+        if isinstance(value, int) and not isinstance(value, bool): return value
+        raise bad()
+    if ann is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()): return float(value)
+        raise bad()
+    if ann is str:
+        if isinstance(value, str): return value
+        if isinstance(value, os.PathLike): return os.fspath(value)
+        raise bad()
+    if ann in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (list, tuple)): raise bad()
+        kind = origin or ann
+        if kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis) and len(value) != len(args): raise bad()
+        types_ = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis or kind is list and args else list(args)
+        items = [coerce(v, t, f"{field}[{i}]") for i, (v, t) in enumerate(zip(value, types_))] if args else list(value)
+        return tuple(items) if kind is tuple else items
+    if ann is dict or origin is dict:
+        if not isinstance(value, dict): raise bad()
+        if not args: return value
+        return {coerce(k, args[0], f"{field} key"): coerce(v, args[1], f"{field}[{k!r}]") for k, v in value.items()}
+    if isinstance(ann, type):
+        if isinstance(value, ann): return value
+        raise bad()
+    return value
+
+_CONTAINER = {tuple: (list, tuple), list: (list, tuple), dict: dict}
+_HINTS: dict[type, dict[str, Any]] = {}
+
+def check_fields(obj: Any) -> None:
+    "Check every field of the (frozen) dataclass instance `obj` with `coerce`, storing the canonical values."
+    cls = type(obj)
+    if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        if not f.init: continue
+        v = getattr(obj, f.name)
+        new = coerce(v, _HINTS[cls][f.name], f"{cls.__name__}.{f.name}")
+        if new is not v: object.__setattr__(obj, f.name, new)
+
+def from_plain(cls: type, d: Any) -> Any:
+    "The dataclass `cls` built from the mapping `d` (unknown keys are an error; the fields check their types)."
+    if not isinstance(d, dict): raise ConfigError(f"{cls.__name__} expects a mapping of its fields, got {d!r} ({type(d).__name__})")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(d) - set(names), key=str)
+    if unknown: raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}. Valid: {', '.join(sorted(names))}")
+    return cls(**d)
 
 # %% ../nbs/00_core.ipynb #d6689cbb
 _LITERALS = (int, float, str, bool, list, tuple, dict, type(None))
@@ -54,11 +157,13 @@ def check_params(ns: dict, before: set[str]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown notebook parameter(s): {', '.join(unknown)}. "
                          f"Valid parameters: {', '.join(sorted(declared))}.")
-    bad = [f"{n}={ns[n]!r} (expected {getattr(a, '__name__', a)})" for n, a in declared.items()
-           if n in ns and not _conforms(ns[n], a)]
+    params, bad = {}, []
+    for n, a in declared.items():
+        if n not in ns: continue
+        try: params[n] = coerce(ns[n], a, n)
+        except ConfigError: bad.append(f"{n}={ns[n]!r} (expected {getattr(a, '__name__', a)})")
     if bad: raise ValueError(f"Notebook parameter(s) of the wrong type: {'; '.join(bad)}.")
-    params = {n: ns[n] for n in declared if n in ns}
-    return {n: float(v) if declared[n] is float else v for n, v in params.items()}
+    return params
 
 # %% ../nbs/00_core.ipynb #9b5a0ccb
 def seed_everything(seed: int) -> None:

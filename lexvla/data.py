@@ -24,6 +24,7 @@ from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .core import check_fields
 from .vision import resize_center_crop as vision_resize_center_crop
 
 # %% auto #0
@@ -49,8 +50,8 @@ class DataConfig:
     pin_memory: bool = False
 
     def __post_init__(self):
+        check_fields(self)   # every field against its declared type (a list of urls becomes a tuple)
         if not self.urls: raise ValueError("DataConfig.urls is empty: give a brace pattern, a list or a folder of .tar shards")
-        if isinstance(self.urls, list): object.__setattr__(self, "urls", tuple(self.urls))
         for n in ("batch_size", "image_size"):
             if getattr(self, n) < 1: raise ValueError(f"DataConfig.{n} must be >= 1, got {getattr(self, n)}")
         for n in ("shuffle_buffer", "num_workers", "min_samples"):

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import ConfigIO, LexVLAConfig, _from_plain, get_config
-from .core import environment_info, seed_everything
+from .config import ConfigIO, LexVLAConfig, config_file, get_config
+from .core import ConfigError, check_fields, environment_info, load_yaml, seed_everything
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
 from .model import LexVLA
@@ -84,13 +84,7 @@ class TrainConfig(ConfigIO):
     progress: bool = True                    # tqdm progress bar on the main process
 
     def __post_init__(self):
-        if isinstance(self.data, dict): object.__setattr__(self, "data", _from_plain(DataConfig, self.data))
-        if isinstance(self.loss, dict): object.__setattr__(self, "loss", _from_plain(LossConfig, self.loss))
-        for f in dataclasses.fields(self):   # YAML 1.1 reads `2e-4` (no dot) as a string
-            v = getattr(self, f.name)
-            if f.type in ("float", "int") and isinstance(v, str):
-                try: object.__setattr__(self, f.name, float(v) if f.type == "float" else int(v))
-                except ValueError: _bad(f.name, f"a number ({f.type})", v)
+        check_fields(self)   # every field against its declared type; `data`/`loss` mappings become their configs
         _choice = lambda n, ok: None if getattr(self, n) in ok else _bad(n, f"one of {list(ok)}", getattr(self, n))
         _choice("mixed_precision", MIXED_PRECISION); _choice("frozen_dtype", FROZEN_DTYPES)
         _choice("tracker", ("tensorboard", "none")); _choice("resume_data", ("replay", "reseed"))
@@ -109,12 +103,14 @@ class TrainConfig(ConfigIO):
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"train config {path} does not exist")
         d = cls.read_file(path)
-        if not isinstance(d, dict): raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
-        return cls.from_dict(apply_overrides(d, overrides))
+        with config_file(path):
+            cfg = cls.from_dict(apply_overrides(d, overrides))
+            if cfg.model_overrides: model_config(cfg)   # check the overrides' fields and types now, naming this file
+        return cfg
     def replace(self, **kw) -> TrainConfig: return replace(self, **kw)
 
 def _bad(name: str, want: str, got: Any) -> None:
-    raise ValueError(f"TrainConfig.{name} must be {want}, got {got!r}")
+    raise ConfigError(f"TrainConfig.{name} must be {want}, got {got!r}")
 
 # %% ../nbs/13_train.ipynb #92c31dab
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
@@ -130,15 +126,8 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
             if node.get(p) is None: node[p] = {}
             if not isinstance(node[p], dict): raise ValueError(f"override {o!r}: {p!r} is not a section")
             node = node[p]
-        node[last] = _yaml_value(raw)
+        node[last] = load_yaml(raw)   # `2e-4` is a float
     return d
-
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-def _yaml_value(raw: str) -> Any:
-    "A YAML scalar/collection, with `2e-4`-style numbers read as floats (YAML 1.1 would keep them as strings)."
-    v = yaml.safe_load(raw)
-    return float(v) if isinstance(v, str) and _NUMBER.match(v.strip()) else v
 
 def _merge(base: dict, upd: dict) -> dict:
     out = dict(base)

@@ -213,3 +213,34 @@ def test_shard_cut_between_members_is_not_silently_short(two_shards):
     with pytest.warns(UserWarning, match=rf"damaged shard {cut}: 30 sample\(s\) lost.*the tar ends early"):
         keys, loader = _read_all(cut.parent, max_corrupt_fraction=1.0)
     assert len(keys) == 50 and loader.counter.counts == {"bad_tar": 30}
+
+
+# 4. Configs accept only values of their declared types; every error names the file and the field
+
+@pytest.mark.parametrize("edit,field,got", [
+    (("  resampled: false", '  resampled: "false"'), "TrainConfig.data.resampled must be true or false", "'false' (str)"),
+    (("max_steps: 200", "max_steps: 5.5"), "TrainConfig.max_steps must be an integer", "5.5 (float)"),
+    (("lr_lora: 1.0e-3", "lr_lora: [1, 2]"), "TrainConfig.lr_lora must be a number", "[1, 2] (list)"),
+    (("model: tiny", "model: tiny\nloss: {lambda_flops: x}"), "TrainConfig.loss.lambda_flops must be a number", "'x' (str)"),
+    (("model: tiny", "model: tiny\nmodel_overrides: {text: {lora_r: two}}"), "LexVLAConfig.text.lora_r must be an integer", "'two'"),
+], ids=["bool-as-string", "float-for-int", "list-for-float", "nested-section", "model-override"])
+def test_train_config_types_are_checked_naming_file_and_field(tmp_path, edit, field, got):
+    from lexvla.core import ConfigError
+    from lexvla.train import model_config
+    src = (ROOT / "lexvla" / "configs" / "tiny_scenes.yaml").read_text()
+    assert edit[0] in src, edit[0]
+    path = tmp_path / "train.yaml"
+    path.write_text(src.replace(edit[0], edit[1]))
+    with pytest.raises(ConfigError) as e:
+        model_config(TrainConfig.from_file(path))
+    assert str(e.value).startswith(f"{path}: "), str(e.value)
+    assert field in str(e.value) and got in str(e.value), str(e.value)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    from lexvla.core import ConfigError
+    path = tmp_path / "train.yaml"
+    path.write_text("model: tiny\ndata: {urls: a.tar, batch_size: 4\nmax_steps: 3\n")
+    with pytest.raises(ConfigError, match=rf'(?s){path} is not valid YAML.*in "{path}", line 2'):
+        TrainConfig.from_file(path)
+    assert TrainConfig.from_file(ROOT / "lexvla" / "configs" / "tiny_scenes.yaml", ["lr_lora=2e-4"]).lr_lora == 2e-4
