@@ -5,17 +5,22 @@
 # %% ../nbs/00_core.ipynb #d7f81d1c
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import random
 import re
+import secrets
 import subprocess
 import types
 import typing
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+try: import fcntl
+except ImportError: fcntl = None   # not on Windows: out_dir locks are then skipped
 
 import numpy as np
 import torch
@@ -23,7 +28,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
-           'in_test', 'environment_info']
+           'in_test', 'environment_info', 'fsync_path', 'atomic_write', 'FolderLockedError', 'locked_dir']
 
 # %% ../nbs/00_core.ipynb #e71fc734
 class ConfigError(ValueError):
@@ -198,3 +203,56 @@ def environment_info(packages: tuple[str, ...] = KEY_PACKAGES) -> dict[str, Any]
     modified = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": {p: _version(p) for p in packages}, "git_commit": commit, "git_modified": modified}
+
+# %% ../nbs/00_core.ipynb #7c1e2a07
+def fsync_path(path: str | Path) -> None:
+    "fsync a file or a folder (a folder's fsync makes a rename inside it durable)."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write `path` atomically with the umask's permissions: `data` (text or bytes), or `data(tmp_path)` writing a
+    temporary file (e.g. safetensors' `save_file`), then fsync, rename over `path`, fsync of the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 minus the umask, as open() does
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, (str, bytes)): f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if callable(data):
+            data(tmp)
+            os.chmod(tmp, mode)   # writers that replace the file (safetensors >= 0.5 does) create it 0600
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+    return path
+
+class FolderLockedError(RuntimeError):
+    "Another process holds the folder's lock."
+
+@contextlib.contextmanager
+def locked_dir(folder: str | Path, what: str = "run"):
+    "Hold an exclusive lock on `folder` (via `folder/.lock`) for the block; fail at once if another process holds it."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None: yield None; return
+    lock = folder / ".lock"
+    try: fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e: raise type(e)(e.errno, f"cannot create the lock file of {folder} ({e.strerror}): a {what} needs a "
+                                        "folder it can write to", str(lock)) from None
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise FolderLockedError(f"{folder} is in use by another {what} (PID {holder}, lock {lock}); two runs in one "
+                                    "folder would overwrite and delete each other's files. Wait for it to end, stop it, "
+                                    "or use another folder.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally: os.close(fd)   # releases the lock

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from .codebook import Codebook
 from .config import LexVLAConfig
+from .core import atomic_write
 from .text import TextEncoder, check_texts
 from .vision import VisionEncoder, preprocess
 from .vocab import Vocabulary
@@ -99,9 +99,9 @@ class LexVLA(nn.Module):
         "Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`."
         d = Path(directory); d.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
-        _atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(d / "vocab.json", lambda p: Path(p).write_text(json.dumps(self.vocab.to_dict())))
-        _atomic_write(d / "config.json", lambda p: Path(p).write_text(self.cfg.to_json()))
+        atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
+        atomic_write(d / "config.json", self.cfg.to_json())
         return d
 
     @classmethod
@@ -124,15 +124,3 @@ class LexVLA(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(tensors, strict=False)
-
-# %% ../nbs/07_model.ipynb #eb6f37cc
-def _atomic_write(path: Path, write) -> None:
-    "Call write(tmp_path) and atomically rename tmp_path to `path`."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise

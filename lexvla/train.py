@@ -30,7 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import ConfigIO, LexVLAConfig, config_file, get_config
-from .core import ConfigError, check_fields, environment_info, load_yaml, seed_everything
+from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, load_yaml, locked_dir,
+                          seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
 from .model import LexVLA
@@ -42,9 +43,9 @@ from .vocab import Vocabulary
 __all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'RESULT_NEUTRAL', 'LossFn', 'TrainConfig',
            'apply_overrides', 'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform',
            'DataCursor', 'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name',
-           'atomic_write_text', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
-           'resolve_mixed_precision', 'train', 'main']
+           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'resolve_resume',
+           'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record', 'resolve_mixed_precision',
+           'train', 'main']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -226,20 +227,6 @@ CKPT_RE = re.compile(r"^step_(\d+)$")
 
 def checkpoint_name(step: int) -> str: return f"step_{step:06d}"
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def atomic_write_text(path: Path, text: str) -> None:
-    "Write a small text file atomically: temporary file, fsync, rename, fsync of the directory."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     "Complete checkpoints in `out_dir/checkpoints` as (step, folder), oldest first."
     d = Path(out_dir) / "checkpoints"
@@ -287,8 +274,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
     if main:
         if _is_fsdp(accelerator):
             names = set(unwrapped.trainable_state_dict())
-            save_file({n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
+            weights = {n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}
+            atomic_write(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
             (tmp / "vocab.json").write_text(json.dumps(unwrapped.vocab.to_dict()))
             (tmp / "config.json").write_text(unwrapped.cfg.to_json())
         else:
@@ -301,12 +288,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
     accelerator.wait_for_everyone()
     if main:
         for f in tmp.rglob("*"):
-            if f.is_file(): _fsync(f)
-        _fsync(tmp)
+            if f.is_file(): fsync_path(f)
+        fsync_path(tmp)
         if final.exists(): os.replace(final, ckdir / f".{name}.old")   # re-saving a step: move the old one aside first
         os.replace(tmp, final)
-        _fsync(ckdir)
-        atomic_write_text(ckdir / "latest", name + "\n")
+        fsync_path(ckdir)
+        atomic_write(ckdir / "latest", name + "\n")
         _prune(ckdir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -458,7 +445,13 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
 
     `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
     model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces `lexical_loss`; `stop_at` pauses the
-    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`)."""
+    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`).
+    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
+    main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
+    with locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
+        return _train(cfg, eval_fn, model, loss_fn, stop_at)
+
+def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(); GradientState._reset_state()   # allow several runs (other precisions) in one process
@@ -588,7 +581,7 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     finally:
         bar.close()
         for t in acc.trackers: t.finish()
-    if main: atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+    if main: atomic_write(out_dir / "history.json", json.dumps(history, indent=1))
     final = acc.unwrap_model(model)
     final.eval()
     done = step - start_step

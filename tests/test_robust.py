@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,45 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf'(?s){path} is not valid YAML.*in "{path}", line 2'):
         TrainConfig.from_file(path)
     assert TrainConfig.from_file(ROOT / "lexvla" / "configs" / "tiny_scenes.yaml", ["lr_lora=2e-4"]).lr_lora == 2e-4
+
+
+# 5. Checkpoints others can read; one run per out_dir
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_checkpoint_files_follow_the_umask(shards, tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try: res = train(_cfg(shards, tmp_path / "run", max_steps=2, save_every=0))
+    finally: os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {"model.safetensors", "config.json", "vocab.json", "state.json", "latest", "history.json"} <= {p.name for p in files}
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != file_mode}
+    assert not wrong, f"expected {oct(file_mode)} under umask {oct(umask)}: {wrong}"
+    assert res.checkpoint.stat().st_mode & 0o777 == dir_mode
+
+
+HOLD_LOCK = """
+import sys, time
+from lexvla.core import locked_dir
+with locked_dir(sys.argv[1], "training run"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_second_run_into_one_out_dir_stops_at_once(shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from lexvla.core import FolderLockedError
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError, match=rf"{out} is in use by another training run \(PID {holder.pid},"):
+            train(_cfg(shards, out))
+        assert not (out / "checkpoints").exists()            # stopped before touching anything
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert train(_cfg(shards, out, max_steps=1, save_every=0)).step == 1   # SIGKILL released the lock
