@@ -24,7 +24,7 @@ from .vision import VisionEncoder, preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['LexVLA']
+__all__ = ['CHECKPOINT_FILES', 'LexVLA', 'checkpoint_folder', 'load_safetensors']
 
 # %% ../nbs/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
@@ -106,15 +106,14 @@ class LexVLA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
-        "Rebuild the model from its config (frozen backbones by name/path), then load the trained weights."
+        """Rebuild the model from its config (frozen backbones by name/path), then load the trained weights.
+        `directory` is a checkpoint folder, or a training run's `out_dir` (its newest checkpoint is loaded)."""
         from lexvla.pretrained import create_model
-        d = Path(directory)
-        for f in ("config.json", "vocab.json", "model.safetensors"):
-            if not (d / f).exists(): raise FileNotFoundError(f"{d / f} is missing: not a lexvla checkpoint folder")
+        d = checkpoint_folder(directory)
         cfg = LexVLAConfig.from_file(d / "config.json")
         vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
         model = create_model(cfg, vocab=vocab, device=device)
-        model.load_trainable(load_file(str(d / "model.safetensors")))
+        model.load_trainable(load_safetensors(d / "model.safetensors"))
         return model
 
     def load_trainable(self, tensors: dict[str, Tensor]) -> None:
@@ -124,3 +123,33 @@ class LexVLA(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(tensors, strict=False)
+
+# %% ../nbs/07_model.ipynb #9a3b5c01
+CHECKPOINT_FILES = ("config.json", "vocab.json", "model.safetensors")
+
+def checkpoint_folder(directory: str | os.PathLike) -> Path:
+    "The checkpoint folder `directory` names: itself, or for a training run's `out_dir`, its newest checkpoint."
+    d = Path(directory)
+    if not (d / "config.json").exists() and (d / "checkpoints").is_dir():
+        from lexvla.train import latest_checkpoint
+        ck = latest_checkpoint(d)
+        if ck is None: raise FileNotFoundError(f"{d} is a training run folder, but {d / 'checkpoints'} holds no complete "
+                                               "checkpoint (a step_* folder with state.json): did the run save one?")
+        print(f"{d} is a training run folder: loading its newest checkpoint {ck}")
+        d = ck
+    for f in CHECKPOINT_FILES:
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{d / f} is missing: {d} is not a lexvla checkpoint folder. Give a folder written by "
+                                    "LexVLA.save_pretrained, a training checkpoint out_dir/checkpoints/step_NNNNNN, or "
+                                    "the run's out_dir itself (its newest checkpoint is loaded).")
+    return d
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    "The tensors of a `.safetensors` file; a damaged or truncated file is an error that names it and what to do."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
+    try: return load_file(str(path))
+    except Exception as e:   # safetensors raises SafetensorError (no file name) for a bad header or a short file
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): the file is damaged or truncated (an "
+                         "interrupted copy or download?). Copy or save it again; for a training checkpoint, resume from an "
+                         "earlier one (TrainConfig.resume=<its folder>) or delete this checkpoint folder.") from None

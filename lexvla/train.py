@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,7 +34,7 @@ from .core import (ConfigError, atomic_write, check_fields, environment_info, fs
                           seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
-from .model import LexVLA
+from .model import LexVLA, load_safetensors
 from .sparse import active_words, threshold
 from .vision import preprocess
 from .vocab import Vocabulary
@@ -298,13 +298,21 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
     accelerator.wait_for_everyone()
     return final
 
+def _torch_load(path: Path) -> Any:
+    "torch.load of tensors and plain values only; a damaged file is an error that names it and what to do."
+    try: return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError: raise
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged. Resume from an "
+                         "earlier checkpoint (TrainConfig.resume=<its folder>) or delete this one.") from None
+
 def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path) -> dict:
     "Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns state.json."
     folder = Path(folder)
     if _is_fsdp(accelerator):
         accelerator.load_state(str(folder / "accelerate_state"))
     else:
-        load = lambda f: torch.load(folder / f, map_location="cpu", weights_only=True)
+        load = lambda f: _torch_load(folder / f)
         optimizer.load_state_dict(load("optimizer.pt"))
         scheduler.load_state_dict(load("scheduler.pt"))
         if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
@@ -484,7 +492,7 @@ def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     model = model if model is not None else _build_model(cfg, ckpt)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
-    if ckpt and not _is_fsdp(acc): model.load_trainable(load_file(str(ckpt / "model.safetensors")))
+    if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
     model.train()
     mcfg = model.cfg
     optimizer = make_optimizer(model, cfg)
@@ -504,7 +512,7 @@ def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     seed_everything(cfg.seed + rank)
     cursor = DataCursor(loader, pos["epoch"], pos["batches"], progress=cfg.progress and main)
     if ckpt and (ckpt / f"rng_{rank}.pt").exists():
-        set_rng_state(torch.load(ckpt / f"rng_{rank}.pt", map_location="cpu", weights_only=True))
+        set_rng_state(_torch_load(ckpt / f"rng_{rank}.pt"))
     elif ckpt: seed_everything(cfg.seed + rank + step)
 
     def ckpt_state() -> dict:

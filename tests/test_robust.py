@@ -287,3 +287,91 @@ def test_second_run_into_one_out_dir_stops_at_once(shards, tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
     assert train(_cfg(shards, out, max_steps=1, save_every=0)).step == 1   # SIGKILL released the lock
+
+
+# 6. Errors that say what to do
+
+@pytest.fixture(scope="module")
+def run_dir(shards, tmp_path_factory) -> Path:
+    "A finished tiny run: checkpoints at steps 2 and 4."
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(_cfg(shards, out))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_safetensors_names_the_file_and_the_remedy(run_dir, tmp_path, damage):
+    import shutil
+    from lexvla.model import LexVLA
+    ck = tmp_path / "step_000004"
+    shutil.copytree(run_dir / "checkpoints" / "step_000004", ck)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00\xff\xfe" + b"x" * 64)
+    with pytest.raises(ValueError, match=rf"{f} cannot be read .*damaged or truncated.*earlier"):
+        LexVLA.from_pretrained(ck)
+
+
+def test_resume_from_damaged_checkpoint_names_the_file(shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(shards, out)
+    train(cfg, stop_at=2)
+    ck = out / "checkpoints" / "step_000002"
+    for name in ("model.safetensors", "optimizer.pt"):
+        f = ck / name
+        good = f.read_bytes()
+        f.write_bytes(good[:100])
+        with pytest.raises(ValueError, match=rf"{f} cannot be read .*earlier"):
+            train(cfg)
+        f.write_bytes(good)
+
+
+def test_from_pretrained_takes_a_run_folder_and_says_which_checkpoint(run_dir, tmp_path, capsys):
+    from lexvla.model import LexVLA
+    m = LexVLA.from_pretrained(run_dir)
+    assert f"loading its newest checkpoint {run_dir / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
+    ref = LexVLA.from_pretrained(run_dir / "checkpoints" / "step_000004").trainable_state_dict()
+    assert all(torch.equal(t, ref[n]) for n, t in m.trainable_state_dict().items())
+    with pytest.raises(FileNotFoundError, match=r"not a lexvla checkpoint folder.*out_dir/checkpoints/step_NNNNNN"):
+        LexVLA.from_pretrained(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        LexVLA.from_pretrained(tmp_path)
+
+
+def test_clip_benchmark_without_open_clip_says_so(tmp_path, monkeypatch):
+    import sys
+    from lexvla.retrieval import register_with_clip_benchmark
+    pkg = tmp_path / "clip_benchmark"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text("import open_clip\nTYPE2FUNC = {}\nMODEL_TYPES = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for m in [m for m in sys.modules if m.startswith(("clip_benchmark", "open_clip"))]: monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, "open_clip", None)      # not importable, even where it is installed
+    with pytest.raises(ImportError, match=r"clip_benchmark is installed.*'open_clip' is missing.*pip install open_clip_torch"):
+        register_with_clip_benchmark()
+
+
+def test_documented_clip_benchmark_command_uses_the_checkpoint_make_train_writes():
+    import re
+    nb = json.loads((ROOT / "nbs" / "20_retrieval.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"])
+    model, path = re.search(r"--model_type lexvla --model (\S+) --pretrained (\S+)", text).groups()
+    params = "".join(next(c["source"] for c in json.loads((ROOT / "nbs" / "train.ipynb").read_text())["cells"]
+                          if "parameters" in c["metadata"].get("tags", [])))
+    ns: dict = {}
+    exec(params, ns)   # the main job's parameters: config, out_dir (relative to nbs/), max_steps
+    run = Path(ns["out_dir"]).relative_to("..")
+    assert model == ns["config"]
+    assert Path(path) in (run, run / "checkpoints" / f"step_{ns['max_steps']:06d}"), path
+
+
+def test_karpathy_set_with_a_truncated_jpeg_is_rejected_naming_it(tmp_path):
+    from lexvla.retrieval import load_karpathy
+    for i in range(3): _image(i, 64).save(tmp_path / f"{i}.jpg", quality=95)
+    cut = tmp_path / "1.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    entries = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"image {i}"}] * 5} for i in range(3)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(ValueError, match=rf"1 of 3 image file\(s\) cannot be decoded .*{cut}"):
+        load_karpathy(tmp_path / "dataset.json")
