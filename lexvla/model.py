@@ -5,12 +5,14 @@
 # %% ../nbs/07_model.ipynb #8725d57c
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from .codebook import Codebook
 from .config import LexVLAConfig
 from .core import atomic_write
+from .sparse import make_sparse
 from .text import TextEncoder, check_texts
 from .vision import VisionEncoder, preprocess
 from .vocab import Vocabulary
@@ -41,34 +44,44 @@ class LexVLA(nn.Module):
     @property
     def grid(self) -> tuple[int, int]: return self.vision.grid
 
-    def preprocess(self, img: Image.Image | Tensor) -> Tensor:
-        "One image (PIL of any mode/size, or a [3,H,W] tensor) -> normalised [3, S, S]."
+    def preprocess(self, img: Image.Image | Tensor | np.ndarray) -> Tensor:
+        "One image (PIL of any mode/size, a [3,H,W] tensor, or a NumPy [H,W,C]/[H,W] array) -> normalised [3, S, S]."
         c = self.cfg.vision
         return preprocess(img, c.image_size, c.mean, c.std)
 
-    def pixels(self, images: Tensor | Sequence[Image.Image | Tensor]) -> Tensor:
-        "A [B,3,S,S] batch from preprocessed tensors or a list of images."
+    def pixels(self, images: Tensor | np.ndarray | Image.Image | Sequence[Image.Image | Tensor | np.ndarray]) -> Tensor:
+        """A [B,3,S,S] batch from preprocessed tensors, a list of images, one PIL image or NumPy image [H,W(,C)], or a
+        NumPy batch [B,H,W,C]."""
         if isinstance(images, Tensor):
             if images.ndim == 3: raise ValueError(f"expected a batch [B, 3, H, W], got one image {tuple(images.shape)}; use images[None]")
             return self.vision.check_pixels(images)
+        if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)): images = [images]
         images = list(images)
         if not images: raise ValueError("images is empty: encode_image needs at least one image")
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
-    def encode_image(self, images: Tensor | Sequence[Image.Image]) -> Tensor:
-        "Image lexical vectors [B, V] (non-negative, unit L2 norm)."
-        return self.vision(self.pixels(images))
+    def _grad(self):
+        "Autograd only while training: in eval mode the encoders build no graph (their outputs do not require grad)."
+        return contextlib.nullcontext() if self.training else torch.no_grad()
 
-    def encode_patches(self, images: Tensor | Sequence[Image.Image]) -> Tensor:
-        "Patch lexical activations [B, N, V] (not normalised; normalize(max over N) = encode_image)."
-        return self.vision.patches(self.pixels(images))
+    def encode_image(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+        """Image lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default (every word has a weight);
+        `sparse="threshold"` keeps the paper's sparse form (the entries ≥ 1/√V), `sparse=k` the k largest entries
+        (kept weights unchanged, zeros elsewhere; `lexvla.sparse`)."""
+        with self._grad(): return make_sparse(self.vision(self.pixels(images)), sparse)
 
-    def encode_text(self, texts: Sequence[str]) -> Tensor:
-        "Text lexical vectors [B, V] (non-negative, unit L2 norm)."
-        return self.text(check_texts(texts))
+    def encode_patches(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+        "Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as there."
+        with self._grad(): return make_sparse(self.vision.patches(self.pixels(images)), sparse)
+
+    def encode_text(self, texts: Sequence[str], sparse: str | int | None = None) -> Tensor:
+        """Text lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default; `sparse="threshold"` gives the
+        paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries."""
+        with self._grad(): return make_sparse(self.text(check_texts(texts)), sparse)
 
     def forward(self, images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
-        return {"image": self.encode_image(images), "text": self.encode_text(texts), "logit_scale": self.logit_scale}
+        "Dense image and text vectors and the temperature, for the loss; builds the autograd graph in any mode."
+        return {"image": self.vision(self.pixels(images)), "text": self.text(check_texts(texts)), "logit_scale": self.logit_scale}
 
     def top_words(self, vec: Tensor, k: int = 10) -> list[tuple[str, float]]:
         "The k highest-weighted words of one lexical vector [V], as (word, weight)."

@@ -375,3 +375,53 @@ def test_karpathy_set_with_a_truncated_jpeg_is_rejected_naming_it(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
     with pytest.raises(ValueError, match=rf"1 of 3 image file\(s\) cannot be decoded .*{cut}"):
         load_karpathy(tmp_path / "dataset.json")
+
+
+# 7. Inputs users pass
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lexvla.pretrained import create_model
+    return create_model("tiny").eval()
+
+
+def test_encode_image_takes_numpy_images_in_numpy_layout(tiny):
+    img = _image(5, 48)
+    ref = tiny.encode_image([img])
+    assert torch.equal(tiny.encode_image([np.asarray(img)]), ref)                       # uint8 [H, W, 3]
+    assert torch.equal(tiny.encode_image(np.asarray(img)[None].repeat(2, 0)), ref.repeat(2, 1))   # a [B, H, W, 3] batch
+    gray = img.convert("L")
+    assert torch.equal(tiny.encode_image([np.asarray(gray)]), tiny.encode_image([gray]))  # [H, W] grayscale
+    f = np.asarray(img, dtype=np.float32) / 255
+    assert torch.allclose(tiny.encode_image([f]), ref, atol=0.02)                       # float [H, W, 3] in [0, 1]
+
+
+def test_long_captions_are_cut_with_a_warning(tiny):
+    from lexvla.text import CaptionTruncatedWarning
+    long = "a red square next to a blue circle " * 20
+    with pytest.warns(CaptionTruncatedWarning, match=r"^2 of 3 caption\(s\) are longer than max_caption_tokens=32 tokens"):
+        tiny.encode_text([long, "a red square", long + "and more"])
+
+
+def test_patchdis_class_names_outside_the_vocabulary_are_named(tiny):
+    from lexvla.patchdis import class_text_vectors
+    with pytest.raises(ValueError, match=r"class name\(s\) '\\u200b', '猫' have no letter of the vocabulary's alphabet"):
+        class_text_vectors(tiny, ["background", "\u200b", "square", "猫"])
+    assert class_text_vectors(tiny, ["background", "square"]).shape == (2, len(tiny.vocab))
+
+
+def test_sparse_form_on_request_and_no_graph_outside_training(tiny):
+    from lexvla.sparse import default_threshold
+    imgs, caps = [_image(1), _image(2)], ["a red square", "a blue circle"]
+    dense, text = tiny.encode_image(imgs), tiny.encode_text(caps)
+    assert not dense.requires_grad and not text.requires_grad and not tiny.encode_patches(imgs).requires_grad
+    assert (dense > 0).all()                                                     # dense: every word has a weight
+    sp = tiny.encode_image(imgs, sparse="threshold")
+    assert torch.equal(sp, torch.where(dense >= default_threshold(dense.shape[-1]), dense, 0))
+    assert ((tiny.encode_text(caps, sparse=7) > 0).sum(-1) == 7).all()
+    try:
+        tiny.train()
+        out = tiny(imgs, caps)                                                   # training builds the graph
+        assert out["image"].requires_grad and out["text"].requires_grad
+    finally:
+        tiny.eval()
