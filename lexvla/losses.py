@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import check_fields
+
 # %% auto #0
 __all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised', 'warmup_weight',
            'LossConfig', 'lexical_loss']
@@ -126,6 +128,7 @@ class LossConfig:
     max_logit_scale: float = 100.0     # clamp of exp(logit_scale), as in CLIP
 
     def __post_init__(self):
+        check_fields(self)
         for n in ("lambda_flops", "lambda_overuse", "warmup_steps"):
             if getattr(self, n) < 0: raise ValueError(f"LossConfig.{n} must be >= 0, got {getattr(self, n)}")
         if self.overuse not in OVERUSE:

@@ -5,13 +5,14 @@
 # %% ../nbs/07_model.ipynb #8725d57c
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -19,12 +20,14 @@ from torch import Tensor, nn
 
 from .codebook import Codebook
 from .config import LexVLAConfig
+from .core import atomic_write
+from .sparse import make_sparse
 from .text import TextEncoder, check_texts
 from .vision import VisionEncoder, preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['LexVLA']
+__all__ = ['CHECKPOINT_FILES', 'LexVLA', 'checkpoint_folder', 'load_safetensors']
 
 # %% ../nbs/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
@@ -41,34 +44,44 @@ class LexVLA(nn.Module):
     @property
     def grid(self) -> tuple[int, int]: return self.vision.grid
 
-    def preprocess(self, img: Image.Image | Tensor) -> Tensor:
-        "One image (PIL of any mode/size, or a [3,H,W] tensor) -> normalised [3, S, S]."
+    def preprocess(self, img: Image.Image | Tensor | np.ndarray) -> Tensor:
+        "One image (PIL of any mode/size, a [3,H,W] tensor, or a NumPy [H,W,C]/[H,W] array) -> normalised [3, S, S]."
         c = self.cfg.vision
         return preprocess(img, c.image_size, c.mean, c.std)
 
-    def pixels(self, images: Tensor | Sequence[Image.Image | Tensor]) -> Tensor:
-        "A [B,3,S,S] batch from preprocessed tensors or a list of images."
+    def pixels(self, images: Tensor | np.ndarray | Image.Image | Sequence[Image.Image | Tensor | np.ndarray]) -> Tensor:
+        """A [B,3,S,S] batch from preprocessed tensors, a list of images, one PIL image or NumPy image [H,W(,C)], or a
+        NumPy batch [B,H,W,C]."""
         if isinstance(images, Tensor):
             if images.ndim == 3: raise ValueError(f"expected a batch [B, 3, H, W], got one image {tuple(images.shape)}; use images[None]")
             return self.vision.check_pixels(images)
+        if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)): images = [images]
         images = list(images)
         if not images: raise ValueError("images is empty: encode_image needs at least one image")
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
-    def encode_image(self, images: Tensor | Sequence[Image.Image]) -> Tensor:
-        "Image lexical vectors [B, V] (non-negative, unit L2 norm)."
-        return self.vision(self.pixels(images))
+    def _grad(self):
+        "Autograd only while training: in eval mode the encoders build no graph (their outputs do not require grad)."
+        return contextlib.nullcontext() if self.training else torch.no_grad()
 
-    def encode_patches(self, images: Tensor | Sequence[Image.Image]) -> Tensor:
-        "Patch lexical activations [B, N, V] (not normalised; normalize(max over N) = encode_image)."
-        return self.vision.patches(self.pixels(images))
+    def encode_image(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+        """Image lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default (every word has a weight);
+        `sparse="threshold"` keeps the paper's sparse form (the entries ≥ 1/√V), `sparse=k` the k largest entries
+        (kept weights unchanged, zeros elsewhere; `lexvla.sparse`)."""
+        with self._grad(): return make_sparse(self.vision(self.pixels(images)), sparse)
 
-    def encode_text(self, texts: Sequence[str]) -> Tensor:
-        "Text lexical vectors [B, V] (non-negative, unit L2 norm)."
-        return self.text(check_texts(texts))
+    def encode_patches(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+        "Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as there."
+        with self._grad(): return make_sparse(self.vision.patches(self.pixels(images)), sparse)
+
+    def encode_text(self, texts: Sequence[str], sparse: str | int | None = None) -> Tensor:
+        """Text lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default; `sparse="threshold"` gives the
+        paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries."""
+        with self._grad(): return make_sparse(self.text(check_texts(texts)), sparse)
 
     def forward(self, images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
-        return {"image": self.encode_image(images), "text": self.encode_text(texts), "logit_scale": self.logit_scale}
+        "Dense image and text vectors and the temperature, for the loss; builds the autograd graph in any mode."
+        return {"image": self.vision(self.pixels(images)), "text": self.text(check_texts(texts)), "logit_scale": self.logit_scale}
 
     def cache_frozen(self, on: bool = True) -> list[str]:
         """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
@@ -111,22 +124,21 @@ class LexVLA(nn.Module):
         "Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`."
         d = Path(directory); d.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
-        _atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(d / "vocab.json", lambda p: Path(p).write_text(json.dumps(self.vocab.to_dict())))
-        _atomic_write(d / "config.json", lambda p: Path(p).write_text(self.cfg.to_json()))
+        atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
+        atomic_write(d / "config.json", self.cfg.to_json())
         return d
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
-        "Rebuild the model from its config (frozen backbones by name/path), then load the trained weights."
+        """Rebuild the model from its config (frozen backbones by name/path), then load the trained weights.
+        `directory` is a checkpoint folder, or a training run's `out_dir` (its newest checkpoint is loaded)."""
         from lexvla.pretrained import create_model
-        d = Path(directory)
-        for f in ("config.json", "vocab.json", "model.safetensors"):
-            if not (d / f).exists(): raise FileNotFoundError(f"{d / f} is missing: not a lexvla checkpoint folder")
+        d = checkpoint_folder(directory)
         cfg = LexVLAConfig.from_file(d / "config.json")
         vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
         model = create_model(cfg, vocab=vocab, device=device)
-        model.load_trainable(load_file(str(d / "model.safetensors")))
+        model.load_trainable(load_safetensors(d / "model.safetensors"))
         return model
 
     def load_trainable(self, tensors: dict[str, Tensor]) -> None:
@@ -137,14 +149,32 @@ class LexVLA(nn.Module):
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(tensors, strict=False)
 
-# %% ../nbs/07_model.ipynb #eb6f37cc
-def _atomic_write(path: Path, write) -> None:
-    "Call write(tmp_path) and atomically rename tmp_path to `path`."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
+# %% ../nbs/07_model.ipynb #9a3b5c01
+CHECKPOINT_FILES = ("config.json", "vocab.json", "model.safetensors")
+
+def checkpoint_folder(directory: str | os.PathLike) -> Path:
+    "The checkpoint folder `directory` names: itself, or for a training run's `out_dir`, its newest checkpoint."
+    d = Path(directory)
+    if not (d / "config.json").exists() and (d / "checkpoints").is_dir():
+        from lexvla.train import latest_checkpoint
+        ck = latest_checkpoint(d)
+        if ck is None: raise FileNotFoundError(f"{d} is a training run folder, but {d / 'checkpoints'} holds no complete "
+                                               "checkpoint (a step_* folder with state.json): did the run save one?")
+        print(f"{d} is a training run folder: loading its newest checkpoint {ck}")
+        d = ck
+    for f in CHECKPOINT_FILES:
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{d / f} is missing: {d} is not a lexvla checkpoint folder. Give a folder written by "
+                                    "LexVLA.save_pretrained, a training checkpoint out_dir/checkpoints/step_NNNNNN, or "
+                                    "the run's out_dir itself (its newest checkpoint is loaded).")
+    return d
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    "The tensors of a `.safetensors` file; a damaged or truncated file is an error that names it and what to do."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
+    try: return load_file(str(path))
+    except Exception as e:   # safetensors raises SafetensorError (no file name) for a bad header or a short file
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): the file is damaged or truncated (an "
+                         "interrupted copy or download?). Copy or save it again; for a training checkpoint, resume from an "
+                         "earlier one (TrainConfig.resume=<its folder>) or delete this checkpoint folder.") from None

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'ADE20K_CLASSES', 'ConfusionMatrix', 'miou', 'SegmentationSet', 'load_voc', 'load_ade20k',
-           'class_text_vectors', 'model_input_size', 'prepare_images', 'patch_scores', 'patch_predictions',
-           'upsample_predictions', 'per_class_table', 'evaluate_patchdis', 'voc_colormap', 'overlay_figure']
+           'unrepresentable', 'class_text_vectors', 'model_input_size', 'prepare_images', 'patch_scores',
+           'patch_predictions', 'upsample_predictions', 'per_class_table', 'evaluate_patchdis', 'voc_colormap',
+           'overlay_figure']
 
 # %% ../nbs/21_patchdis.ipynb #dffb05a3
 def _as_long(x: Any) -> torch.Tensor:
@@ -184,16 +185,28 @@ def load_ade20k(root: str | Path, split: str = "validation") -> SegmentationSet:
     return SegmentationSet(tuple(images), tuple(masks), ADE20K_CLASSES, reduce_zero_label=True, name=f"ade20k:{split}")
 
 # %% ../nbs/21_patchdis.ipynb #a6db69d5
+def unrepresentable(names: Sequence[str], vocab) -> list[str]:
+    "The names with no letter of the vocabulary's alphabet: no vocabulary word can stand for any part of them."
+    alphabet = {ch for w in vocab.words for ch in w.lower()}
+    return [n for n in names if not any(ch.lower() in alphabet for ch in n)]
+
 @torch.no_grad()
 def class_text_vectors(model, class_names: Sequence[str], template: str = "{}", allow_empty: bool = False) -> torch.Tensor:
     """Lexical vectors `[C, V]` of `template.format(name)` for each class name.
 
-    A name whose vector is all zero (a bag-of-words text tower without that word) is an error, unless
-    `allow_empty`: then the class keeps its zero vector, scores 0 everywhere and is never predicted."""
+    A name that the vocabulary cannot represent is an error that lists them: one with no letter of the vocabulary's
+    alphabet (`'猫'` for an English vocabulary, an invisible `'\u200b'`), whose vector would be the LM's guess from the
+    prompt alone, or one whose vector is all zero (a bag-of-words text tower without that word). With `allow_empty`
+    such classes are kept (a zero vector scores 0 everywhere and is never predicted)."""
     names = list(class_names)
     if not names: raise ValueError("class_names is empty")
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n.strip(): raise ValueError(f"class name {i} ({n!r}) is empty")
+    foreign = unrepresentable(names, model.vocab) if hasattr(getattr(model, "vocab", None), "words") else []
+    if foreign and not allow_empty:
+        raise ValueError(f"class name(s) {', '.join(map(repr, foreign))} have no letter of the vocabulary's alphabet, so no "
+                         "vocabulary word can represent them; rename them (in the vocabulary's language) or pass "
+                         "allow_empty=True to keep them")
     v = model.encode_text([template.format(n.strip()) for n in names]).float().cpu()
     zero = (v.abs().sum(-1) == 0).nonzero().flatten().tolist()
     if zero and not allow_empty:

@@ -24,6 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPV
 from .codebook import Codebook, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
+from .core import atomic_write
 from .model import LexVLA
 from .text import TextEncoder
 from .vision import VisionEncoder
@@ -113,8 +114,7 @@ def _save_dequantized(lm: nn.Module, target: Path) -> None:
     config.pop("quantization_config", None)  # the weights are plain floats now
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        save_model(lm, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})  # drops tied duplicates
-        os.replace(Path(tmp) / "model.safetensors", target / "model.safetensors")
+        atomic_write(target / "model.safetensors", lambda p: save_model(lm, str(p), metadata={"format": "pt"}))  # drops tied duplicates
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
         os.replace(Path(tmp) / "config.json", target / "config.json")  # written last: marks the cache complete
 

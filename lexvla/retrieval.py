@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 # %% auto #0
@@ -69,14 +69,34 @@ def _missing_files(paths: Sequence[Path], what: str) -> None:
         shown = ", ".join(str(p) for p in missing[:5])
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} file(s) not found, e.g. {shown}")
 
+def _decodes(path: Path) -> str | None:
+    "None if the image file decodes to the end, else why not (JPEGs decode at 1/8 scale: fast, but every byte is read)."
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG": im.draft("RGB", (1, 1))
+            im.load()
+    except Exception as e: return f"{type(e).__name__}: {e}"
+    return None
+
+def _undecodable_files(paths: Sequence[Path], what: str) -> None:
+    "Raise one ValueError naming the image files that do not decode (truncated, not an image), and how many."
+    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False   # a truncated file must fail
+    try: bad = [(p, why) for p in paths if (why := _decodes(p)) is not None]
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = strict
+    if bad:
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+        raise ValueError(f"{len(bad)} of {len(paths)} {what} file(s) cannot be decoded (truncated or not an image), e.g. "
+                         f"{shown}. Replace them, or pass check_files=False to skip this check.")
+
 # %% ../nbs/20_retrieval.ipynb #335bb09f
 def load_karpathy(json_path: str | Path, split: str = "test", image_root: str | Path | None = None,
                   captions_per_image: int | None = 5, check_files: bool = True) -> RetrievalSet:
     """Read a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`) into a `RetrievalSet`.
 
     `split="test"` gives the Flickr30K 1K / MSCOCO 5K test sets. `captions_per_image=n` keeps the first `n`
-    captions of each image and rejects an image with fewer; `None` keeps all. Image files are checked to exist
-    up front unless `check_files=False`."""
+    captions of each image and rejects an image with fewer; `None` keeps all. Image files are checked to exist and
+    to decode up front (a truncated JPEG fails here, naming the file, not later inside an evaluation), unless
+    `check_files=False`."""
     json_path = Path(json_path)
     data = _read_json(json_path)
     entries = data.get("images") if isinstance(data, dict) else None
@@ -101,7 +121,7 @@ def load_karpathy(json_path: str | Path, split: str = "test", image_root: str | 
     if not images:
         found = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
         raise ValueError(f"{json_path}: no image in split {split!r}; splits present: {', '.join(found) or 'none'}")
-    if check_files: _missing_files(images, "image")
+    if check_files: _missing_files(images, "image"); _undecodable_files(images, "image")
     return RetrievalSet.from_lists(images, captions, name=f"{json_path.stem}:{split}")
 
 # %% ../nbs/20_retrieval.ipynb #591dc54f
@@ -271,7 +291,14 @@ def load_lexvla_for_clip_benchmark(model_name: str, pretrained: str | None = Non
 
 def register_with_clip_benchmark(model_type: str = "lexvla") -> None:
     "Make `--model_type lexvla` available to clip_benchmark's loaders and command line."
+    import importlib.util
+    if importlib.util.find_spec("clip_benchmark") is None:
+        raise ImportError("clip_benchmark is not installed: pip install clip-benchmark")
     try: import clip_benchmark.models as cbm
-    except ImportError as e: raise ImportError("clip_benchmark is not installed: pip install clip-benchmark") from e
+    except ImportError as e:   # clip_benchmark is there, one of its own dependencies is not (usually open_clip)
+        missing = e.name or str(e)
+        fix = "pip install open_clip_torch" if missing.split(".")[0] == "open_clip" else f"install the package providing {missing!r}"
+        raise ImportError(f"clip_benchmark is installed, but importing clip_benchmark.models failed because {missing!r} "
+                          f"is missing ({e}): {fix}") from e
     cbm.TYPE2FUNC[model_type] = load_lexvla_for_clip_benchmark
     if model_type not in cbm.MODEL_TYPES: cbm.MODEL_TYPES.append(model_type)

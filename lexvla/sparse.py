@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['default_threshold', 'threshold', 'topk', 'active_words', 'sparsity']
+__all__ = ['default_threshold', 'threshold', 'topk', 'make_sparse', 'active_words', 'sparsity']
 
 # %% ../nbs/06_sparse.ipynb #4b5abbab
 def default_threshold(vocab_size: int) -> float:
@@ -33,6 +33,13 @@ def topk(v: Tensor, k: int, renormalize: bool = False) -> Tensor:
     vals, idx = v.topk(k, dim=-1)
     out = torch.zeros_like(v).scatter(-1, idx, vals)
     return F.normalize(out, dim=-1) if renormalize else out
+
+def make_sparse(v: Tensor, sparse: str | int | None) -> Tensor:
+    "The sparse form `sparse` asks for: None -> `v` unchanged (dense); 'threshold' -> the paper's 1/√V; an int k -> top k."
+    if sparse is None: return v
+    if sparse == "threshold": return threshold(v)
+    if isinstance(sparse, int) and not isinstance(sparse, bool): return topk(v, sparse)
+    raise ValueError(f"sparse must be None (dense), 'threshold' (the paper's 1/sqrt(V)) or a number of words k, got {sparse!r}")
 
 def active_words(v: Tensor) -> Tensor:
     "Number of non-zero entries of each vector: [...]."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -20,7 +21,8 @@ from .config import TextConfig
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'TextEncoder']
+__all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'CaptionTruncatedWarning',
+           'TextEncoder']
 
 # %% ../nbs/04_text.ipynb #0931287d
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -85,6 +87,9 @@ class _no_checkpointing:
         for m in self.layers: m.gradient_checkpointing = True
 
 # %% ../nbs/04_text.ipynb #c0acc263
+class CaptionTruncatedWarning(UserWarning):
+    "Captions longer than `TextConfig.max_caption_tokens` were cut."
+
 class TextEncoder(nn.Module):
     "Caption -> lexical vector through in-context lexical prediction (or a bag of words in `bow` mode)."
     def __init__(self, lm: nn.Module | None, tokenizer, vocab: Vocabulary, codebook: Codebook, cfg: TextConfig):
@@ -99,16 +104,25 @@ class TextEncoder(nn.Module):
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._prefix_kv: tuple[tuple, list[tuple[Tensor, Tensor]]] | None = None
         self.state_cache: dict[tuple[int, ...], Tensor] | None = None  # see `cache_states`
+        self._truncation_reported = False   # in training, long captions are reported once
         self._cache_with_ckpt = False  # can the cache be kept under checkpointing (transformers >= 5.x layers)?
         if lm is not None:  # the only cache this encoder passes is read-only: safe to keep under checkpointing
             for m in lm.modules():
                 if hasattr(type(m), "_can_checkpoint_with_cache"): m._can_checkpoint_with_cache = self._cache_with_ckpt = True
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        "Caption tokens (truncated) followed by the prompt suffix, for each text; the prefix is added separately."
-        caps = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                              max_length=self.cfg.max_caption_tokens)["input_ids"]
-        return [c + self.suffix_ids for c in caps]
+        """Caption tokens followed by the prompt suffix, for each text; the prefix is added separately. Captions longer
+        than `max_caption_tokens` are cut, with a `CaptionTruncatedWarning` (in training: the first time only)."""
+        caps = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        m = self.cfg.max_caption_tokens
+        long = [len(c) for c in caps if len(c) > m]
+        if long and not (self.training and self._truncation_reported):
+            warnings.warn(f"{len(long)} of {len(caps)} caption(s) are longer than max_caption_tokens={m} tokens (the longest "
+                          f"has {max(long)}) and were cut to {m}" + ("; later cuts in training are not reported" if self.training
+                          else ""), CaptionTruncatedWarning, stacklevel=4)
+            self._truncation_reported = self._truncation_reported or self.training
+        keep = (lambda c: c[-m:]) if getattr(self.tokenizer, "truncation_side", "right") == "left" else (lambda c: c[:m])
+        return [keep(c) + self.suffix_ids for c in caps]
 
     @property
     def device(self) -> torch.device: return self.codebook.weight.device

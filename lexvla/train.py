@@ -25,25 +25,27 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import ConfigIO, LexVLAConfig, _from_plain, get_config
-from .core import seed_everything
+from .config import ConfigIO, LexVLAConfig, config_file, get_config
+from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, load_yaml, locked_dir,
+                          seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss
-from .model import LexVLA
+from .model import LexVLA, load_safetensors
 from .sparse import active_words, threshold
 from .vision import preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'LossFn', 'TrainConfig', 'apply_overrides',
-           'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
-           'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name', 'atomic_write_text',
+__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'RESULT_NEUTRAL', 'LossFn', 'TrainConfig',
+           'apply_overrides', 'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform',
+           'DataCursor', 'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name',
            'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'resolve_resume',
-           'TrainResult', 'resolve_mixed_precision', 'train', 'main']
+           'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record', 'resolve_mixed_precision',
+           'train', 'main']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -78,19 +80,13 @@ class TrainConfig(ConfigIO):
     out_dir: str = "runs/train"
     seed: int = 0                            # seeds torch/numpy/python before training (the model is built under its own seed)
     tracker: str = "tensorboard"             # "tensorboard" (logs in out_dir/tensorboard) or "none"
-    resume: str = "auto"                     # "auto": newest checkpoint in out_dir if any; "never"; or a checkpoint folder
+    resume: str = "auto"                     # "auto": continue out_dir's newest checkpoint if its config matches; "fresh"; "never"; or a folder
     resume_data: str = "replay"              # "replay": fast-forward the data stream (exact); "reseed": a fresh stream (fast)
     progress: bool = True                    # tqdm progress bar on the main process
     cache_frozen: bool = False               # cache per-sample outputs of the frozen parts (LexVLA.cache_frozen; exact, pays when samples repeat)
 
     def __post_init__(self):
-        if isinstance(self.data, dict): object.__setattr__(self, "data", _from_plain(DataConfig, self.data))
-        if isinstance(self.loss, dict): object.__setattr__(self, "loss", _from_plain(LossConfig, self.loss))
-        for f in dataclasses.fields(self):   # YAML 1.1 reads `2e-4` (no dot) as a string
-            v = getattr(self, f.name)
-            if f.type in ("float", "int") and isinstance(v, str):
-                try: object.__setattr__(self, f.name, float(v) if f.type == "float" else int(v))
-                except ValueError: _bad(f.name, f"a number ({f.type})", v)
+        check_fields(self)   # every field against its declared type; `data`/`loss` mappings become their configs
         _choice = lambda n, ok: None if getattr(self, n) in ok else _bad(n, f"one of {list(ok)}", getattr(self, n))
         _choice("mixed_precision", MIXED_PRECISION); _choice("frozen_dtype", FROZEN_DTYPES)
         _choice("tracker", ("tensorboard", "none")); _choice("resume_data", ("replay", "reseed"))
@@ -100,7 +96,7 @@ class TrainConfig(ConfigIO):
                   *(f"lr_{g}" for g in GROUPS)):
             if getattr(self, n) < 0: _bad(n, ">= 0", getattr(self, n))
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas): _bad("adam_betas", "two values in [0, 1)", self.adam_betas)
-        if not self.resume: _bad("resume", "'auto', 'never' or a checkpoint folder", self.resume)
+        if not self.resume: _bad("resume", "'auto', 'fresh', 'never' or a checkpoint folder", self.resume)
 
     def lr(self, group: str) -> float: return getattr(self, f"lr_{group}")
     @classmethod
@@ -109,12 +105,14 @@ class TrainConfig(ConfigIO):
         path = Path(path)
         if not path.is_file(): raise FileNotFoundError(f"train config {path} does not exist")
         d = cls.read_file(path)
-        if not isinstance(d, dict): raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
-        return cls.from_dict(apply_overrides(d, overrides))
+        with config_file(path):
+            cfg = cls.from_dict(apply_overrides(d, overrides))
+            if cfg.model_overrides: model_config(cfg)   # check the overrides' fields and types now, naming this file
+        return cfg
     def replace(self, **kw) -> TrainConfig: return replace(self, **kw)
 
 def _bad(name: str, want: str, got: Any) -> None:
-    raise ValueError(f"TrainConfig.{name} must be {want}, got {got!r}")
+    raise ConfigError(f"TrainConfig.{name} must be {want}, got {got!r}")
 
 # %% ../nbs/13_train.ipynb #92c31dab
 def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
@@ -130,15 +128,8 @@ def apply_overrides(d: dict, overrides: Sequence[str]) -> dict:
             if node.get(p) is None: node[p] = {}
             if not isinstance(node[p], dict): raise ValueError(f"override {o!r}: {p!r} is not a section")
             node = node[p]
-        node[last] = _yaml_value(raw)
+        node[last] = load_yaml(raw)   # `2e-4` is a float
     return d
-
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-def _yaml_value(raw: str) -> Any:
-    "A YAML scalar/collection, with `2e-4`-style numbers read as floats (YAML 1.1 would keep them as strings)."
-    v = yaml.safe_load(raw)
-    return float(v) if isinstance(v, str) and _NUMBER.match(v.strip()) else v
 
 def _merge(base: dict, upd: dict) -> dict:
     out = dict(base)
@@ -237,20 +228,6 @@ CKPT_RE = re.compile(r"^step_(\d+)$")
 
 def checkpoint_name(step: int) -> str: return f"step_{step:06d}"
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def atomic_write_text(path: Path, text: str) -> None:
-    "Write a small text file atomically: temporary file, fsync, rename, fsync of the directory."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     "Complete checkpoints in `out_dir/checkpoints` as (step, folder), oldest first."
     d = Path(out_dir) / "checkpoints"
@@ -298,8 +275,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
     if main:
         if _is_fsdp(accelerator):
             names = set(unwrapped.trainable_state_dict())
-            save_file({n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
+            weights = {n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}
+            atomic_write(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
             (tmp / "vocab.json").write_text(json.dumps(unwrapped.vocab.to_dict()))
             (tmp / "config.json").write_text(unwrapped.cfg.to_json())
         else:
@@ -312,15 +289,23 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
     accelerator.wait_for_everyone()
     if main:
         for f in tmp.rglob("*"):
-            if f.is_file(): _fsync(f)
-        _fsync(tmp)
+            if f.is_file(): fsync_path(f)
+        fsync_path(tmp)
         if final.exists(): os.replace(final, ckdir / f".{name}.old")   # re-saving a step: move the old one aside first
         os.replace(tmp, final)
-        _fsync(ckdir)
-        atomic_write_text(ckdir / "latest", name + "\n")
+        fsync_path(ckdir)
+        atomic_write(ckdir / "latest", name + "\n")
         _prune(ckdir, keep)
     accelerator.wait_for_everyone()
     return final
+
+def _torch_load(path: Path) -> Any:
+    "torch.load of tensors and plain values only; a damaged file is an error that names it and what to do."
+    try: return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError: raise
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged. Resume from an "
+                         "earlier checkpoint (TrainConfig.resume=<its folder>) or delete this one.") from None
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path) -> dict:
     "Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns state.json."
@@ -328,19 +313,85 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path
     if _is_fsdp(accelerator):
         accelerator.load_state(str(folder / "accelerate_state"))
     else:
-        load = lambda f: torch.load(folder / f, map_location="cpu", weights_only=True)
+        load = lambda f: _torch_load(folder / f)
         optimizer.load_state_dict(load("optimizer.pt"))
         scheduler.load_state_dict(load("scheduler.pt"))
         if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
     return json.loads((folder / "state.json").read_text())
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    "The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None), 'never' -> None, else the folder."
-    if cfg.resume == "never": return None
+    """The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None); 'fresh' -> None;
+    'never' -> None, or an error if out_dir holds checkpoints; else the folder named."""
+    if cfg.resume == "fresh": return None
+    if cfg.resume == "never":
+        found = latest_checkpoint(cfg.out_dir)
+        if found: raise FileExistsError(f"TrainConfig.resume='never' but out_dir {cfg.out_dir} already holds checkpoints "
+                                        f"(newest {found}); a new run there would mix with them. Use resume='fresh' to "
+                                        "move them aside first, resume='auto' to continue them, or another out_dir.")
+        return None
     if cfg.resume == "auto": return latest_checkpoint(cfg.out_dir)
     p = Path(cfg.resume)
-    if not (p / "state.json").is_file(): raise FileNotFoundError(f"TrainConfig.resume={cfg.resume!r} is not a checkpoint folder (no state.json)")
+    if not (p / "state.json").is_file():
+        raise FileNotFoundError(f"TrainConfig.resume={cfg.resume!r} is neither 'auto', 'fresh' nor 'never', nor a checkpoint "
+                                "folder (no state.json in it)")
     return p
+
+# %% ../nbs/13_train.ipynb #5e7a1c02
+RESULT_NEUTRAL = ("out_dir", "resume", "resume_data", "progress", "tracker", "log_every", "eval_every", "save_every",
+                  "keep_checkpoints", "data.pin_memory", "data.max_corrupt_fraction", "data.min_samples",
+                  "cache_frozen")
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    "A nested mapping as {dotted.key: value}."
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v: out.update(_flat(v, f"{prefix}{k}."))
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+def config_differences(saved: dict, current: dict, ignore: Sequence[str] = ()) -> list[str]:
+    "'field: saved -> current' for every (dotted) field whose value differs; `ignore` names fields or whole sections."
+    a, b = _flat(saved), _flat(current)
+    skip = lambda k: any(k == i or k.startswith(i + ".") for i in ignore)
+    absent = object()
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if not skip(k) and a.get(k, absent) != b.get(k, absent)]
+
+def _normalised(cls, d: dict) -> dict:
+    "A saved config dict with today's defaults filled in (unchanged if it no longer parses)."
+    try: return cls.from_dict(d).to_dict()
+    except (ValueError, TypeError): return d
+
+def check_resumable(ckpt: str | Path, cfg: TrainConfig, mcfg: LexVLAConfig) -> None:
+    "Raise ValueError naming every differing field if checkpoint `ckpt` was written under other settings than `cfg`/`mcfg`."
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    diffs = []
+    if state.get("train_config") is not None:
+        diffs += config_differences(_normalised(TrainConfig, state["train_config"]), cfg.to_dict(),
+                                    RESULT_NEUTRAL + ("model", "model_overrides"))
+    if (ckpt / "config.json").is_file():
+        saved = _normalised(LexVLAConfig, json.loads((ckpt / "config.json").read_text()))
+        diffs += [f"model config {d}" for d in config_differences(saved, mcfg.to_dict())]
+    if diffs:
+        raise ValueError(f"{ckpt} (step {state.get('step')}) was written by a run with other settings "
+                         f"(checkpoint -> this run):\n  " + "\n  ".join(diffs) + "\nResuming would continue that run "
+                         "under the new settings. To start a new run, pass resume='fresh' (moves the earlier run's "
+                         "outputs to out_dir/replaced/) or use another out_dir; to continue it, restore its settings.")
+
+def set_aside(out_dir: str | Path) -> Path | None:
+    "Move an earlier run's checkpoints/, history.json and tensorboard/ into out_dir/replaced/<UTC time>/; that folder, or None."
+    out_dir = Path(out_dir)
+    items = [out_dir / n for n in ("checkpoints", "history.json", "tensorboard") if (out_dir / n).exists()]
+    if not items: return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = out_dir / "replaced" / stamp
+    for i in range(1, 1000):
+        if not dest.exists(): break
+        dest = out_dir / "replaced" / f"{stamp}_{i}"
+    dest.mkdir(parents=True)
+    for p in items: os.replace(p, dest / p.name)
+    return dest
 
 # %% ../nbs/13_train.ipynb #a84aefc4
 @dataclass
@@ -354,6 +405,14 @@ class TrainResult:
     steps_per_s: float            # optimizer steps per second of training in this call (no eval, no checkpoint time)
     samples_per_s: float          # image-text pairs per second, all ranks
     resumed_from: Path | None = None
+    config: TrainConfig | None = None   # the settings of this call (a resumed run's checkpoint had the same, see check_resumable)
+
+def run_record(result: TrainResult) -> dict[str, Any]:
+    "What produced a trained model, to store with its metrics: TrainConfig, LexVLAConfig, checkpoints, versions and commit."
+    return {"train_config": result.config.to_dict() if result.config is not None else None,
+            "model_config": result.model.cfg.to_dict(),
+            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None, "environment": environment_info()}
 
 LossFn = Callable[[dict, int, LossConfig], dict]
 
@@ -396,7 +455,13 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
 
     `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
     model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces `lexical_loss`; `stop_at` pauses the
-    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`)."""
+    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`).
+    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
+    main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
+    with locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
+        return _train(cfg, eval_fn, model, loss_fn, stop_at)
+
+def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(); GradientState._reset_state()   # allow several runs (other precisions) in one process
@@ -415,7 +480,13 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     if main: out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_resume(cfg)
+    if ckpt: check_resumable(ckpt, cfg, model.cfg if model is not None else model_config(cfg))
+    elif cfg.resume == "fresh" and main and (moved := set_aside(out_dir)): print(f"resume='fresh': moved the earlier run to {moved}")
+    acc.wait_for_everyone()
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else None
+    if state and main:
+        print(f"resuming from step {state['step']} of {cfg.max_steps} (checkpoint {ckpt})"
+              + ("; nothing left to train" if state["step"] >= cfg.max_steps else ""))
     if state and cfg.resume_data == "replay" and state["world_size"] != world:
         raise ValueError(f"{ckpt} was written by {state['world_size']} processes, this run has {world}: exact data replay "
                          "needs the same number; use resume_data='reseed'")
@@ -423,7 +494,7 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     model = model if model is not None else _build_model(cfg, ckpt)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
-    if ckpt and not _is_fsdp(acc): model.load_trainable(load_file(str(ckpt / "model.safetensors")))
+    if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
     if cfg.cache_frozen:
         towers = model.cache_frozen()
         if main: print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample")
@@ -446,7 +517,7 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     seed_everything(cfg.seed + rank)
     cursor = DataCursor(loader, pos["epoch"], pos["batches"], progress=cfg.progress and main)
     if ckpt and (ckpt / f"rng_{rank}.pt").exists():
-        set_rng_state(torch.load(ckpt / f"rng_{rank}.pt", map_location="cpu", weights_only=True))
+        set_rng_state(_torch_load(ckpt / f"rng_{rank}.pt"))
     elif ckpt: seed_everything(cfg.seed + rank + step)
 
     def ckpt_state() -> dict:
@@ -523,12 +594,12 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     finally:
         bar.close()
         for t in acc.trackers: t.finish()
-    if main: atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+    if main: atomic_write(out_dir / "history.json", json.dumps(history, indent=1))
     final = acc.unwrap_model(model)
     final.eval()
     done = step - start_step
     return TrainResult(final, history, out_dir, last_ckpt, step, done / train_time if train_time else 0.0,
-                       (samples - start_samples) / train_time if train_time else 0.0, ckpt)
+                       (samples - start_samples) / train_time if train_time else 0.0, ckpt, cfg)
 
 def _broadcast_history(acc, history: list[dict]) -> list[dict]:
     "Eval entries exist only on the main process: share them so every rank writes the same state."

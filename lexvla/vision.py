@@ -18,7 +18,7 @@ from .codebook import Codebook, elu1p
 from .config import VisionConfig
 
 # %% auto #0
-__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'Adapter', 'TokenCache', 'VisionEncoder']
+__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'array_image', 'Adapter', 'TokenCache', 'VisionEncoder']
 
 # %% ../nbs/05_vision.ipynb #345ba471
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -41,8 +41,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def preprocess(img: Image.Image | Tensor | np.ndarray, size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
                std: Sequence[float] = (0.229, 0.224, 0.225)) -> Tensor:
-    "A PIL image of any mode and size, or a [3,H,W]/[H,W] tensor, -> normalised float tensor [3, size, size]."
-    if isinstance(img, np.ndarray): img = torch.from_numpy(img)
+    "A PIL image of any mode and size, a [3,H,W]/[H,W] tensor, or a NumPy [H,W,C]/[H,W] array -> normalised [3, size, size]."
+    if isinstance(img, np.ndarray): img = array_image(img)
     if isinstance(img, Image.Image):
         if img.width < 1 or img.height < 1: raise ValueError(f"image has no pixels: size {img.size}")
         x = torch.from_numpy(np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.uint8).copy())
@@ -62,6 +62,25 @@ def preprocess(img: Image.Image | Tensor | np.ndarray, size: int = 224, mean: Se
     else:
         raise ValueError(f"expected a PIL image or a tensor, got {type(img).__name__}")
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+# %% ../nbs/05_vision.ipynb #6b2d9e01
+def array_image(a: np.ndarray) -> Image.Image | Tensor:
+    """A NumPy image in NumPy/PIL layout, [H, W] or [H, W, C] with C = 1, 3 or 4 (alpha): uint8 becomes a PIL image
+    (so it is preprocessed exactly like the PIL image it came from), floats in [0, 1] a [3, H, W] or [H, W] tensor."""
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))):
+        raise ValueError(f"a NumPy image must be [H, W] or [H, W, C] with C = 1, 3 or 4 (channels last, as PIL and "
+                         f"NumPy store images), got shape {a.shape}; for a channels-first array use torch.from_numpy")
+    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
+    if a.dtype == np.uint8: return Image.fromarray(np.ascontiguousarray(a))
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"a NumPy image must be uint8 (0-255) or floating point (0-1), got dtype {a.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if x.numel() and not (0 <= float(x.min()) and float(x.max()) <= 1):
+        raise ValueError(f"a floating-point NumPy image must hold values in [0, 1], got [{float(x.min()):g}, "
+                         f"{float(x.max()):g}]; divide by 255, or pass a uint8 array")
+    if x.ndim == 2: return x
+    if x.shape[-1] == 4: x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])   # transparency on white, as for PIL images
+    return x.permute(2, 0, 1)
 
 # %% ../nbs/05_vision.ipynb #422f5a01
 class Adapter(nn.Module):

@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, NamedTuple
 
+from .core import check_fields
+
 # %% auto #0
 __all__ = ['SP_MARKER', 'BL_MARKER', 'SCRIPTS', 'CATEGORIES', 'ENGLISH_STOPWORDS', 'LLAMA2_GGUF', 'detect_scheme', 'Piece',
            'token_pieces', 'VocabRule', 'Vocabulary', 'prune_vocab', 'classify_tokens', 'vocab_report', 'llama2_dir',
@@ -125,6 +127,7 @@ class VocabRule:
     max_size: int | None = None     # keep only the lowest-id words (BPE ids are roughly frequency-ordered); None = all
 
     def __post_init__(self):
+        check_fields(self)
         if self.script not in SCRIPTS:
             raise ValueError(f"VocabRule.script={self.script!r} is not one of {SCRIPTS}.")
         if not isinstance(self.min_letters, int) or self.min_letters < 1:
