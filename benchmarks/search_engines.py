@@ -103,7 +103,8 @@ def main(argv=None):
     for n in map(int, args.sizes.split(",")):
         docs, truth = load(args.cache / f"docs_{n}"), np.load(args.cache / f"truth_{n}.npy")
         path = Path(f"/tmp/lexvla_engine_{args.engine}_{n}")
-        shutil.rmtree(path, ignore_errors=True); shutil.rmtree(str(path) + ".db", ignore_errors=True)
+        for old in (path, Path(str(path) + ".db")):                          # a folder, or Milvus Lite 2's file
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         t = time.perf_counter(); search, info = fn(path, docs, n, queries); build = time.perf_counter() - t
         for q in queries[:3]: search(q)
         lat, rec = [], []
