@@ -33,7 +33,7 @@ setuptools.setup(
     package_data={"lexvla": ["assets/*", "assets/**/*", "configs/*"]},
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, "search-bench": cfg.get("search_bench_requirements", "").split()},
     python_requires=">=" + cfg["min_python"],
     zip_safe=False,
     entry_points={"console_scripts": ["lexvla-train=lexvla.train:main"], "nbdev": ["lexvla=lexvla._modidx:d"]},
