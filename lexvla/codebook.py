@@ -45,50 +45,40 @@ class Codebook(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor: return F.linear(h, self.weight.to(h.dtype))
 
-    def scores(self, h: Tensor, shift: str = "none") -> Tensor:
-        "Word scores h·Zᵀ, or with `shift='logsumexp'` the log-probabilities log softmax(h·Zᵀ) over the V words."
-        s = self(h)
-        return s - s.logsumexp(-1, keepdim=True) if shift == "logsumexp" else s
-
-    def max_scores(self, h: Tensor, chunk: int | None = None, shift: str = "none") -> Tensor:
-        """max over the patch axis of `scores(h, shift)` for h [B, N, D] -> [B, V], `chunk` patches at a time.
+    def max_scores(self, h: Tensor, chunk: int | None = None) -> Tensor:
+        """max over the patch axis of h·Zᵀ for h [B, N, D] -> [B, V], `chunk` patches at a time.
 
         Chunking never materialises the whole B×N×V tensor (the memory hot spot at paper scale), in the forward
         pass nor, through `chunked_max_scores`, in the backward pass; since ELU1p is monotone, ELU1p(max) equals
         max(ELU1p)."""
-        if shift not in ("none", "logsumexp"): raise ValueError(f"shift must be 'none' or 'logsumexp', got {shift!r}")
-        if chunk is None or chunk >= h.shape[1]: return self.scores(h, shift).amax(dim=1)
+        if chunk is None or chunk >= h.shape[1]: return self(h).amax(dim=1)
         if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
-            return chunked_max_scores(h, self.weight, chunk, shift)
+            return chunked_max_scores(h, self.weight, chunk)
         out = None
         for s in range(0, h.shape[1], chunk):
-            m = self.scores(h[:, s:s + chunk], shift).amax(dim=1)
+            m = self(h[:, s:s + chunk]).amax(dim=1)
             out = m if out is None else torch.maximum(out, m)
         return out
 
 # %% ../nbs/03_codebook.ipynb #9b448f6d
 class _ChunkedMaxScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, chunk: int, shift: bool) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, chunk: int) -> Tensor:
         z = weight.to(h.dtype)
-        best, arg, lses = None, None, []
+        best, arg = None, None
         for s in range(0, h.shape[1], chunk):
-            sc = F.linear(h[:, s:s + chunk], z)                 # [B, c, V]
-            if shift:
-                lse = sc.logsumexp(-1, keepdim=True)
-                sc = sc - lse; lses.append(lse)
-            m, i = sc.max(dim=1)  # [B, V] each
+            m, i = F.linear(h[:, s:s + chunk], z).max(dim=1)  # [B, V] each
             if best is None: best, arg = m, i
             else:
                 win = m > best
                 best, arg = torch.where(win, m, best), torch.where(win, i + s, arg)
-        ctx.save_for_backward(h, weight, arg, *([torch.cat(lses, 1)] if shift else []))
-        ctx.chunk, ctx.shift = chunk, shift
+        ctx.save_for_backward(h, weight, arg)
+        ctx.chunk = chunk
         return best
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        h, weight, arg, *lse = ctx.saved_tensors
+        h, weight, arg = ctx.saved_tensors
         z, g = weight.to(h.dtype), g.to(h.dtype)
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         gz = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
@@ -96,18 +86,13 @@ class _ChunkedMaxScores(torch.autograd.Function):
             hc = h[:, s:s + ctx.chunk]
             n = torch.arange(s, s + hc.shape[1], device=h.device).view(1, -1, 1)
             G = (arg.unsqueeze(1) == n).to(h.dtype) * g.unsqueeze(1)  # [B, c, V], one non-zero per (b, v)
-            if ctx.shift:  # through the log-softmax: G - p * rowsum(G)
-                p = (F.linear(hc, z) - lse[0][:, s:s + hc.shape[1]]).exp()
-                G = G - p * G.sum(-1, keepdim=True)
             if gh is not None: gh[:, s:s + hc.shape[1]] = G @ z
             if gz is not None: gz += (G.flatten(0, 1).transpose(0, 1) @ hc.flatten(0, 1)).float()
-        return gh, (gz.to(weight.dtype) if gz is not None else None), None, None
+        return gh, (gz.to(weight.dtype) if gz is not None else None), None
 
-def chunked_max_scores(h: Tensor, weight: Tensor, chunk: int, shift: str = "none") -> Tensor:
-    """max over N of h·weightᵀ (or of its log-softmax over V, `shift='logsumexp'`) for h [B, N, D], weight [V, D]
-    -> [B, V], never holding more than B×chunk×V scores."""
+def chunked_max_scores(h: Tensor, weight: Tensor, chunk: int) -> Tensor:
+    "max over N of h·weightᵀ for h [B, N, D], weight [V, D] -> [B, V], never holding more than B×chunk×V scores."
     if h.ndim != 3 or weight.ndim != 2 or h.shape[-1] != weight.shape[-1]:
         raise ValueError(f"chunked_max_scores needs h [B, N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
     if chunk < 1: raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if shift not in ("none", "logsumexp"): raise ValueError(f"shift must be 'none' or 'logsumexp', got {shift!r}")
-    return _ChunkedMaxScores.apply(h, weight, chunk, shift == "logsumexp")
+    return _ChunkedMaxScores.apply(h, weight, chunk)

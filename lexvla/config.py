@@ -81,8 +81,6 @@ class VisionConfig:
     std: tuple[float, ...] = IMAGENET_STD
     adapter_heads: int = 12
     adapter_mlp_hidden: int = 3072  # MLP width -> codebook dim; 768->3072->4096 + attention = 17.3M (DESIGN §4)
-    adapter_norm: str = "lm"  # "lm": the adapter ends with an RMSNorm initialised from the LM's final norm; "none": it does not
-    score_shift: str = "logsumexp"  # "logsumexp": a patch's scores become log-probabilities over the vocabulary; "none"
     patch_chunk: int | None = None  # compute the BxNxV patch scores this many patches at a time (memory)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the backbone: "sdpa" or "eager"
 
@@ -90,10 +88,6 @@ class VisionConfig:
         check_fields(self)
         if self.backbone_type not in ("dinov2", "clip"):
             raise ValueError(f"VisionConfig.backbone_type must be 'dinov2' or 'clip', got {self.backbone_type!r}")
-        if self.adapter_norm not in ("lm", "none"):
-            raise ValueError(f"VisionConfig.adapter_norm must be 'lm' or 'none', got {self.adapter_norm!r}")
-        if self.score_shift not in ("logsumexp", "none"):
-            raise ValueError(f"VisionConfig.score_shift must be 'logsumexp' or 'none', got {self.score_shift!r}")
 
 # %% ../nbs/02_config.ipynb #d3fa037f
 class ConfigIO:

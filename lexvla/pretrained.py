@@ -161,12 +161,7 @@ def build_model(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module
         if cfg.text.gradient_checkpointing:
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     text = TextEncoder(decoder, tokenizer, vocab, z_txt, cfg.text)
-    vision = VisionEncoder(backbone, z_img, cfg.vision)
-    if cfg.vision.adapter_norm == "lm":  # the adapter ends with the norm the LM head reads from (02_config)
-        final_norm = lm.get_decoder().norm
-        vision.adapter.out_norm.weight.data.copy_(final_norm.weight.detach().float())
-        vision.adapter.out_norm.eps = getattr(final_norm, "variance_epsilon", vision.adapter.out_norm.eps)
-    return LexVLA(cfg, vocab, text, vision)
+    return LexVLA(cfg, vocab, text, VisionEncoder(backbone, z_img, cfg.vision))
 
 def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LexVLA:

@@ -84,19 +84,17 @@ def array_image(a: np.ndarray) -> Image.Image | Tensor:
 
 # %% ../nbs/05_vision.ipynb #422f5a01
 class Adapter(nn.Module):
-    """One pre-norm self-attention layer (residual) and an MLP from the backbone width to the codebook dimension,
-    optionally ending with an RMSNorm (`out_norm`; its weight is set from the LM's final norm by the model factory)."""
-    def __init__(self, dim: int, out_dim: int, heads: int, hidden: int, out_norm: bool = False, eps: float = 1e-5):
+    "One pre-norm self-attention layer (residual) and an MLP from the backbone width to the codebook dimension."
+    def __init__(self, dim: int, out_dim: int, heads: int, hidden: int):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-        self.out_norm = nn.RMSNorm(out_dim, eps=eps) if out_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
-        return self.out_norm(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x))
 
 # %% ../nbs/05_vision.ipynb #4ce0c5f1
 class TokenCache:
@@ -141,7 +139,7 @@ class VisionEncoder(nn.Module):
         width, patch = backbone.config.hidden_size, backbone.config.patch_size
         if cfg.image_size % patch: raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size {patch}")
         self.grid = (cfg.image_size // patch, cfg.image_size // patch)
-        self.adapter = Adapter(width, codebook.dim, cfg.adapter_heads, cfg.adapter_mlp_hidden, cfg.adapter_norm == "lm")
+        self.adapter = Adapter(width, codebook.dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
         self.n_prefix = _n_prefix_tokens(backbone)
         self.token_cache: TokenCache | None = None  # see `cache_tokens`
         if cfg.freeze_backbone:
@@ -184,10 +182,10 @@ class VisionEncoder(nn.Module):
         return self.adapter(self.backbone_tokens(pixels).to(self.adapter.mlp[0].weight.dtype))
 
     def patches(self, pixels: Tensor) -> Tensor:
-        "Per-patch lexical activations ELU1p(h·Z_imgᵀ) (shifted as `cfg.score_shift` says), not normalised: [B, N, V]."
-        return elu1p(self.codebook.scores(self.patch_features(pixels), self.cfg.score_shift).float())
+        "Per-patch lexical activations ELU1p(h·Z_imgᵀ), not normalised: [B, N, V]."
+        return elu1p(self.codebook(self.patch_features(pixels)).float())
 
     def forward(self, pixels: Tensor) -> Tensor:
         "L2-normalised image lexical vectors [B, V] = normalize(max over patches)."
-        pooled = self.codebook.max_scores(self.patch_features(pixels), self.cfg.patch_chunk, self.cfg.score_shift)
+        pooled = self.codebook.max_scores(self.patch_features(pixels), self.cfg.patch_chunk)
         return F.normalize(elu1p(pooled.float()), dim=-1)
