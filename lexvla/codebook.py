@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['elu1p', 'codebook_rows', 'Codebook', 'chunked_max_scores']
+__all__ = ['elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'chunked_max_scores']
 
 # %% ../nbs/03_codebook.ipynb #3dfb6fc9
 def elu1p(x: Tensor) -> Tensor:
@@ -30,6 +30,11 @@ def codebook_rows(lm: nn.Module, ids: Sequence[int], source: str = "lm_head") ->
         raise ValueError(f"token ids must lie in [0, {table.shape[0]}), got range [{min(ids)}, {max(ids)}]")
     idx = torch.as_tensor(list(ids), dtype=torch.long, device=table.device)
     return table.detach().index_select(0, idx).clone()
+
+def centred_rows(rows: Tensor) -> Tensor:
+    "Rows minus their mean row, each rescaled to the mean norm of the input rows: no shared direction, no norm bias."
+    c = rows - rows.mean(0, keepdim=True)
+    return F.normalize(c, dim=-1) * rows.norm(dim=-1).mean()
 
 # %% ../nbs/03_codebook.ipynb #2766f570
 class Codebook(nn.Module):

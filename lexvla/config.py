@@ -81,6 +81,7 @@ class VisionConfig:
     std: tuple[float, ...] = IMAGENET_STD
     adapter_heads: int = 12
     adapter_mlp_hidden: int = 3072  # MLP width -> codebook dim; 768->3072->4096 + attention = 17.3M (DESIGN §4)
+    codebook_init: str = "copy"  # Z_img starts as "copy" of Z_txt, or "centred": Z_txt minus its mean row, rows at equal norm
     patch_chunk: int | None = None  # compute the BxNxV patch scores this many patches at a time (memory)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the backbone: "sdpa" or "eager"
 
@@ -88,6 +89,8 @@ class VisionConfig:
         check_fields(self)
         if self.backbone_type not in ("dinov2", "clip"):
             raise ValueError(f"VisionConfig.backbone_type must be 'dinov2' or 'clip', got {self.backbone_type!r}")
+        if self.codebook_init not in ("copy", "centred"):
+            raise ValueError(f"VisionConfig.codebook_init must be 'copy' or 'centred', got {self.codebook_init!r}")
 
 # %% ../nbs/02_config.ipynb #d3fa037f
 class ConfigIO:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
                           Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM)
 
-from .codebook import Codebook, codebook_rows
+from .codebook import Codebook, centred_rows, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
 from .core import atomic_write
@@ -154,7 +154,8 @@ def build_model(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module
     "Assemble a LexVLA from a causal LM, its tokenizer and a vision backbone (no I/O)."
     vocab = vocab if vocab is not None else prune_vocab(tokenizer, cfg.vocab)
     rows = codebook_rows(lm, vocab.ids, cfg.text.codebook_init)
-    z_txt, z_img = Codebook(rows, trainable=False), Codebook(rows.float(), trainable=True)
+    z_txt = Codebook(rows, trainable=False)
+    z_img = Codebook((centred_rows(rows.float()) if cfg.vision.codebook_init == "centred" else rows.float()), trainable=True)
     decoder = None
     if cfg.text.mode == "lm":
         decoder = add_lora(lm.get_decoder(), cfg.text)
