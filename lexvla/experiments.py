@@ -36,11 +36,12 @@ def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "s
                    lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
                    overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 120, seed: int = 0,
                    save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
-                   progress: bool = True, model=None, resume: str = "auto"):
+                   progress: bool = True, model=None, resume: str = "auto", cache_frozen: bool = True):
     """Train on the world's training shards with the main job's recipe; returns `lexvla.train.TrainResult`.
 
     `model`: an already built model of the same config (saves building it again), as `lexvla.train.train` takes it.
-    `resume`: `TrainConfig.resume` ("auto" continues a run of the same settings in `out_dir`, "fresh" starts over)."""
+    `resume`: `TrainConfig.resume` ("auto" continues a run of the same settings in `out_dir`, "fresh" starts over).
+    `cache_frozen`: `TrainConfig.cache_frozen` (exact; the frozen backbone and lower LM layers run once per sample)."""
     from lexvla.data import DataConfig
     from lexvla.losses import LossConfig
     from lexvla.train import TrainConfig, train
@@ -50,7 +51,7 @@ def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "s
         model=config, model_overrides=model_overrides, max_steps=max_steps, lr_lora=lr_lora, lr_adapter=lr,
         lr_codebook=lr, lr_vit=lr, lr_logit_scale=lr, warmup_steps=warmup_steps,
         mixed_precision="auto", log_every=10, save_every=save_every, keep_checkpoints=2, out_dir=str(out_dir),
-        seed=seed, progress=progress, resume=resume,
+        seed=seed, progress=progress, resume=resume, cache_frozen=cache_frozen,
         loss=LossConfig(lambda_flops=lambda_flops, lambda_overuse=lambda_overuse, use_overuse=use_overuse,
                         overuse=overuse, overuse_on=overuse_on, warmup_steps=reg_warmup_steps))
     return train(tcfg, model=model)
