@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +196,9 @@ def write_ade20k(dataset: SegmentationSet, root: str | Path, split: str = "valid
     if max(len(dataset.class_names), 1) > 255: raise ValueError(f"{len(dataset.class_names)} classes do not fit 8-bit annotations")
     for i in range(len(dataset)):
         img, m = dataset[i]
-        img.save(img_dir / f"{i:08d}.jpg", quality=95)
+        src = dataset.images[i]
+        if isinstance(src, (str, Path)) and Path(src).suffix.lower() in (".jpg", ".jpeg"): shutil.copyfile(src, img_dir / f"{i:08d}.jpg")
+        else: img.save(img_dir / f"{i:08d}.jpg", quality=95)   # a JPEG is copied as it is (the same pixels)
         Image.fromarray(np.where(m == dataset.ignore_index, 0, m + 1).astype(np.uint8), mode="L").save(ann_dir / f"{i:08d}.png")
     (root / "classes.txt").write_text("".join(f"{n}\n" for n in dataset.class_names))
     return root
