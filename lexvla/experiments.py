@@ -243,8 +243,8 @@ def write_benchmark_tables(result: dict[str, Any], out_dir: str | Path) -> list[
 # %% ../nbs/15_experiments.ipynb #e6b7cc29
 def benchmark_figures(model, sets: dict[str, RetrievalSet | SegmentationSet], out_dir: str | Path, n_images: int = 2) -> list[Path]:
     """The paper's figures for a checkpoint: a PatchDis overlay (image, prediction, ground truth) of the first image of
-    each segmentation set, and word clouds (Fig. 4) of the first `n_images` images of the first set and of one patch
-    each (the patch most covered by one object when there is a mask, else the centre patch)."""
+    each segmentation set, and word clouds (Fig. 4) of the first `n_images` images of the first segmentation set (else
+    retrieval set) and of one patch each (the patch most covered by one object when there is a mask, else the centre patch)."""
     import matplotlib.pyplot as plt
     from .interpret import cloud_figure, object_patch
     from .patchdis import class_text_vectors, overlay_figure, patch_scores, upsample_predictions
@@ -260,8 +260,8 @@ def benchmark_figures(model, sets: dict[str, RetrievalSet | SegmentationSet], ou
             sc = patch_scores(model, [img], class_text_vectors(model, ds.class_names))
         pred = upsample_predictions(sc, mask.shape)[0].cpu().numpy()
         save(overlay_figure(img, pred, mask, ds.class_names, title=f"PatchDis, {BENCHMARKS.get(name, name)}"), f"patchdis_{name}.png")
-    if sets:
-        name, ds = next(iter(sets.items()))
+    if sets:   # a segmentation set first: its masks pick the patch
+        name, ds = next((n, d) for n, d in sorted(sets.items(), key=lambda nd: isinstance(nd[1], RetrievalSet)))
         gh, gw = model.grid
         for i in range(min(n_images, len(ds))):
             if isinstance(ds, RetrievalSet): img, patch = load_image(ds.images[i]), (gh // 2, gw // 2)
