@@ -28,9 +28,9 @@ from .core import check_fields
 from .vision import resize_center_crop as vision_resize_center_crop
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'REASONS', 'DataConfig', 'expand_urls', 'Skipped', 'shard_size', 'read_shard', 'decode_sample',
-           'CorruptDataError', 'CorruptCounter', 'shard_plan', 'PairStream', 'default_transform', 'resolve_rank',
-           'PairLoader', 'write_shards']
+__all__ = ['IMAGE_EXTS', 'REASONS', 'DataConfig', 'expand_urls', 'check_shards', 'Skipped', 'shard_size', 'read_shard',
+           'decode_sample', 'CorruptDataError', 'CorruptCounter', 'shard_plan', 'PairStream', 'default_transform',
+           'resolve_rank', 'PairLoader', 'write_shards']
 
 # %% ../nbs/11_data.ipynb #59b6372d
 @dataclass(frozen=True)
@@ -71,6 +71,20 @@ def expand_urls(urls: str | Iterable[str]) -> list[str]:
         if _is_local(u) and Path(u).is_dir(): out += sorted(str(p) for p in Path(u).glob("*.tar"))
         else: out += wds.shardlists.expand_urls(u)
     return out
+
+# %% ../nbs/11_data.ipynb #329db1f4
+def check_shards(urls: str | Iterable[str], name: str = "DataConfig.urls") -> list[str]:
+    "The shards `urls` expands to; a ValueError naming `name` if it matches nothing or names local shards that do not exist."
+    try: found = expand_urls(urls)
+    except ValueError as e: raise ValueError(f"{name}={urls!r} is not a valid shard pattern: {e}") from None
+    if not found: raise ValueError(f"{name}={urls!r} matches no shard (an empty folder, or no .tar files in it)")
+    missing = [u for u in found if _is_local(u) and not Path(u).is_file()]
+    if len(missing) == len(found):
+        raise ValueError(f"{name}={urls!r} matches no shard: none of its {len(found)} file(s) exists, e.g. {missing[0]}")
+    if missing:
+        raise ValueError(f"{name}={urls!r}: {len(missing)} of its {len(found)} shards do not exist, e.g. "
+                         f"{', '.join(missing[:3])}; pass the folder that holds the shards to use the ones there")
+    return found
 
 # %% ../nbs/11_data.ipynb #22d2d902
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -13,13 +13,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .retrieval import RetrievalSet, encode_images, encode_texts, load_karpathy
+from .patchdis import SegmentationSet, load_ade20k, load_voc
+from .retrieval import RetrievalSet, encode_images, encode_texts, find_karpathy, load_karpathy
 from .scenes import WorldInfo, build_world, load_world
 from .text import content_words
 
 # %% auto #0
-__all__ = ['get_world', 'train_on_world', 'is_checkpoint', 'find_checkpoint', 'load_or_train', 'SplitVectors', 'true_words',
-           'encode_split', 'markdown_table', 'save_table']
+__all__ = ['BENCHMARKS', 'SPARSITY', 'get_world', 'train_on_world', 'is_checkpoint', 'find_checkpoint', 'load_or_train',
+           'SplitVectors', 'true_words', 'encode_split', 'markdown_table', 'save_table', 'require_checkpoint',
+           'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/15_experiments.ipynb #40bb5d1d
 def get_world(world_dir: str | Path, n_train: int = 6000, n_test: int = 200, seed: int = 0,
@@ -136,3 +138,137 @@ def save_table(df, out_dir: str | Path, name: str, floatfmt: str = ".2f") -> tup
     df.to_csv(csv, index=False)
     md.write_text(markdown_table(df, floatfmt))
     return csv, md
+
+# %% ../nbs/15_experiments.ipynb #11a6d146
+BENCHMARKS = {"flickr30k": "Flickr30K", "coco": "MSCOCO", "voc": "PASCAL VOC", "ade20k": "ADE20K"}
+SPARSITY: dict[str, str | int | None] = {"dense": None, "1/√V": "threshold", "top-512": 512}
+
+def require_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
+    "`find_checkpoint(path)`, or a FileNotFoundError naming the parameter `name` when `path` holds no checkpoint."
+    ck = find_checkpoint(path)
+    if ck is None:
+        raise FileNotFoundError(f"{name}={str(path)!r} holds no checkpoint: it is neither a checkpoint folder (config.json, "
+                                "vocab.json, model.safetensors) nor a training run's folder with checkpoints/step_*")
+    return ck
+
+def _karpathy_test(folder: str | Path) -> RetrievalSet:
+    js, root = find_karpathy(folder)
+    return load_karpathy(js, "test", root)
+
+_READERS = {"flickr30k": _karpathy_test, "coco": _karpathy_test,
+            "voc": lambda p: load_voc(p, "val"), "ade20k": lambda p: load_ade20k(p, "validation")}
+
+def load_benchmarks(log=print, **folders: str) -> dict[str, RetrievalSet | SegmentationSet]:
+    "The sets of the benchmark folders given (`flickr30k=`, `coco=`, `voc=`, `ade20k=`; '' = not given), read and checked."
+    unknown = sorted(set(folders) - set(BENCHMARKS))
+    if unknown: raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    out = {}
+    for name in BENCHMARKS:
+        path = folders.get(name) or ""
+        if not path: log(f"{name}: no folder given, skipped"); continue
+        try: out[name] = _READERS[name](path)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{name}={path!r} is not a {BENCHMARKS[name]} folder in the expected layout: {e}") from None
+        log(f"{name}: {out[name]!r}")
+    return out
+
+# %% ../nbs/15_experiments.ipynb #ec853f32
+def evaluate_benchmarks(model, sets: dict[str, RetrievalSet | SegmentationSet], sparsity: dict = SPARSITY,
+                        batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Retrieval R@1/5/10 both ways on each `RetrievalSet`, PatchDis on each `SegmentationSet`, at every form of
+    `sparsity`. Returns `retrieval` and `patchdis` (DataFrames, one row per set and form) and `per_class` ({set: DataFrame})."""
+    import contextlib
+    import pandas as pd
+    from .patchdis import evaluate_patchdis
+    from .retrieval import mean_active_words, recall_at_k
+    from .sparse import make_sparse
+    try: dev = next(model.parameters()).device
+    except (AttributeError, StopIteration): dev = torch.device("cpu")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()   # bf16 on GPUs
+    ret, seg, per_class = [], [], {}
+    with amp:
+        for name, ds in sets.items():
+            if isinstance(ds, RetrievalSet):
+                img = encode_images(model, ds.images, batch_size, progress=progress)
+                txt = encode_texts(model, ds.captions, batch_size, progress=progress)
+                for form, s in sparsity.items():
+                    a, b = make_sparse(img, s), make_sparse(txt, s)
+                    ret.append({"set": name, "variant": form, **recall_at_k(a @ b.T, ds.text_to_image),
+                                "active_words_img": mean_active_words(a), "active_words_txt": mean_active_words(b),
+                                "n_img": len(ds.images), "n_txt": len(ds.captions)})
+            else:
+                ious = {}
+                for form, s in sparsity.items():
+                    r = evaluate_patchdis(model, ds, batch_size=batch_size, progress=progress,
+                                          sparsify=None if s is None else (lambda v, s=s: make_sparse(v, s)))
+                    seg.append({"set": name, "variant": form, "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"],
+                                "mAcc": r["mAcc"], "n_images": r["n_images"]})
+                    ious[form] = r["per_class"]
+                first = next(iter(ious.values()))
+                per_class[name] = pd.DataFrame({"class": first["class"], **{f"IoU {f}": t["iou"] for f, t in ious.items()},
+                                                "gt_pixels": first["gt_pixels"]})
+    return {"retrieval": pd.DataFrame(ret), "patchdis": pd.DataFrame(seg), "per_class": per_class}
+
+def table1(retrieval, model_name: str = "LexVLA"):
+    "The paper's Table 1 layout: a row per variant; per data set, I2T R@1/5/10 then T2I R@1/5/10."
+    import pandas as pd
+    rows = []
+    for form in dict.fromkeys(retrieval["variant"]):
+        row: dict[str, Any] = {"model": f"{model_name} ({form})"}
+        for _, r in retrieval[retrieval["variant"] == form].iterrows():
+            for d in ("i2t", "t2i"):
+                for k in (1, 5, 10): row[f"{BENCHMARKS.get(r['set'], r['set'])} {d.upper()} R@{k}"] = r[f"{d}_R@{k}"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+def table2(patchdis, model_name: str = "LexVLA"):
+    "The paper's Table 2 layout: a row per variant, the PatchDis mIoU of each data set."
+    import pandas as pd
+    return pd.DataFrame([{"model": f"{model_name} ({form})",
+                          **{f"{BENCHMARKS.get(r['set'], r['set'])} mIoU": r["mIoU"]
+                             for _, r in patchdis[patchdis["variant"] == form].iterrows()}}
+                         for form in dict.fromkeys(patchdis["variant"])])
+
+def write_benchmark_tables(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    "Tables 1 and 2 (when they have rows), the long results and each set's per-class IoU, as CSV + Markdown in `out_dir`."
+    paths: list[Path] = []
+    if len(result["retrieval"]):
+        paths += save_table(table1(result["retrieval"]), out_dir, "table1_retrieval")
+        paths += save_table(result["retrieval"], out_dir, "retrieval_all")
+    if len(result["patchdis"]):
+        paths += save_table(table2(result["patchdis"]), out_dir, "table2_patchdis")
+        paths += save_table(result["patchdis"], out_dir, "patchdis_all")
+    for name, df in result["per_class"].items(): paths += save_table(df, out_dir, f"patchdis_{name}_per_class")
+    return paths
+
+# %% ../nbs/15_experiments.ipynb #e6b7cc29
+def benchmark_figures(model, sets: dict[str, RetrievalSet | SegmentationSet], out_dir: str | Path, n_images: int = 2) -> list[Path]:
+    """The paper's figures for a checkpoint: a PatchDis overlay (image, prediction, ground truth) of the first image of
+    each segmentation set, and word clouds (Fig. 4) of the first `n_images` images of the first segmentation set (else
+    retrieval set) and of one patch each (the patch most covered by one object when there is a mask, else the centre patch)."""
+    import matplotlib.pyplot as plt
+    from .interpret import cloud_figure, object_patch
+    from .patchdis import class_text_vectors, overlay_figure, patch_scores, upsample_predictions
+    from .retrieval import load_image
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    def save(fig, name: str) -> None:
+        fig.savefig(out / name, dpi=100); plt.close(fig); paths.append(out / name)
+    for name, ds in sets.items():
+        if isinstance(ds, RetrievalSet): continue
+        img, mask = ds[0]
+        with torch.no_grad():
+            sc = patch_scores(model, [img], class_text_vectors(model, ds.class_names))
+        pred = upsample_predictions(sc, mask.shape)[0].cpu().numpy()
+        save(overlay_figure(img, pred, mask, ds.class_names, title=f"PatchDis, {BENCHMARKS.get(name, name)}"), f"patchdis_{name}.png")
+    if sets:   # a segmentation set first: its masks pick the patch
+        name, ds = next((n, d) for n, d in sorted(sets.items(), key=lambda nd: isinstance(nd[1], RetrievalSet)))
+        gh, gw = model.grid
+        for i in range(min(n_images, len(ds))):
+            if isinstance(ds, RetrievalSet): img, patch = load_image(ds.images[i]), (gh // 2, gw // 2)
+            else:
+                img, mask = ds[i]
+                patch = object_patch(mask, model.grid, background=(0,) if ds.class_names[0] == "background" else ())
+            save(cloud_figure(model, img, title=f"{name} image {i}"), f"wordcloud_{name}_{i}_image.png")
+            save(cloud_figure(model, img, patch=patch), f"wordcloud_{name}_{i}_patch.png")
+    return paths

@@ -15,7 +15,7 @@ from torch import Tensor
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['top_words', 'word_cloud', 'patch_box', 'cloud_figure']
+__all__ = ['top_words', 'word_cloud', 'patch_box', 'cloud_figure', 'object_patch']
 
 # %% ../nbs/22_interpret.ipynb #62b3e8c6
 def top_words(vec: Tensor, vocab: Vocabulary, k: int = 50) -> dict[str, float]:
@@ -60,3 +60,17 @@ def cloud_figure(model, image: Image.Image, patch: tuple[int, int] | None = None
     b.imshow(word_cloud(top_words(vec, model.vocab, k))); b.set_axis_off()
     fig.tight_layout()
     return fig
+
+# %% ../nbs/22_interpret.ipynb #a7112ec9
+def object_patch(mask: np.ndarray, grid: tuple[int, int], background: Sequence[int] = (0,), ignore_index: int = 255) -> tuple[int, int]:
+    """The patch (row, col) most covered by a single object class of `mask` [H, W] (not `background`, not ignored),
+    on the grid over the central square the model sees (`resize_center_crop` keeps the central min(H, W) square)."""
+    H, W = mask.shape
+    s = min(H, W)
+    m = np.asarray(mask)[(H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s]
+    gh, gw = grid
+    def cover(r: int, c: int) -> int:
+        cell = m[r * s // gh:(r + 1) * s // gh, c * s // gw:(c + 1) * s // gw].ravel()
+        fg = cell[(cell != ignore_index) & ~np.isin(cell, background) & (cell >= 0)]
+        return int(np.bincount(fg).max()) if fg.size else 0
+    return max(((r, c) for r in range(gh) for c in range(gw)), key=lambda rc: cover(*rc))

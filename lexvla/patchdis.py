@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'ADE20K_CLASSES', 'ConfusionMatrix', 'miou', 'SegmentationSet', 'load_voc', 'load_ade20k',
-           'unrepresentable', 'class_text_vectors', 'model_input_size', 'prepare_images', 'patch_scores',
-           'patch_predictions', 'upsample_predictions', 'per_class_table', 'evaluate_patchdis', 'voc_colormap',
-           'overlay_figure']
+           'write_ade20k', 'unrepresentable', 'class_text_vectors', 'model_input_size', 'prepare_images',
+           'patch_scores', 'patch_predictions', 'upsample_predictions', 'per_class_table', 'evaluate_patchdis',
+           'voc_colormap', 'overlay_figure']
 
 # %% ../nbs/21_patchdis.ipynb #dffb05a3
 def _as_long(x: Any) -> torch.Tensor:
@@ -172,8 +173,10 @@ def load_voc(root: str | Path, split: str = "val", classes: Sequence[str] | None
     if not names: raise ValueError(f"{root}: empty class list")
     return SegmentationSet(tuple(images), tuple(masks), names, name=f"{root.name}:{split}")
 
-def load_ade20k(root: str | Path, split: str = "validation") -> SegmentationSet:
-    "ADE20K SceneParsing (`ADEChallengeData2016`): annotation 0 becomes 255 (ignored), k becomes k − 1."
+def load_ade20k(root: str | Path, split: str = "validation", classes: Sequence[str] | None = None) -> SegmentationSet:
+    """ADE20K SceneParsing (`ADEChallengeData2016`): annotation 0 becomes 255 (ignored), k becomes k − 1.
+
+    Class names: `classes`, else `classes.txt` / `classes.json` in `root`, else `ADE20K_CLASSES`."""
     root = Path(root)
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     for d in (img_dir, ann_dir):
@@ -182,7 +185,23 @@ def load_ade20k(root: str | Path, split: str = "validation") -> SegmentationSet:
     if not images: raise ValueError(f"no .jpg images in {img_dir}")
     masks = [ann_dir / f"{p.stem}.png" for p in images]
     _missing_files(masks, "annotation")
-    return SegmentationSet(tuple(images), tuple(masks), ADE20K_CLASSES, reduce_zero_label=True, name=f"ade20k:{split}")
+    names = tuple(classes) if classes is not None else (_read_classes(root) or ADE20K_CLASSES)
+    return SegmentationSet(tuple(images), tuple(masks), names, reduce_zero_label=True, name=f"{root.name}:{split}")
+
+def write_ade20k(dataset: SegmentationSet, root: str | Path, split: str = "validation") -> Path:
+    "Write a segmentation set in the ADE20K layout (ids k -> k + 1, ignored -> 0; `classes.txt`), e.g. a stand-in for tests."
+    root = Path(root)
+    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+    img_dir.mkdir(parents=True, exist_ok=True); ann_dir.mkdir(parents=True, exist_ok=True)
+    if max(len(dataset.class_names), 1) > 255: raise ValueError(f"{len(dataset.class_names)} classes do not fit 8-bit annotations")
+    for i in range(len(dataset)):
+        img, m = dataset[i]
+        src = dataset.images[i]
+        if isinstance(src, (str, Path)) and Path(src).suffix.lower() in (".jpg", ".jpeg"): shutil.copyfile(src, img_dir / f"{i:08d}.jpg")
+        else: img.save(img_dir / f"{i:08d}.jpg", quality=95)   # a JPEG is copied as it is (the same pixels)
+        Image.fromarray(np.where(m == dataset.ignore_index, 0, m + 1).astype(np.uint8), mode="L").save(ann_dir / f"{i:08d}.png")
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in dataset.class_names))
+    return root
 
 # %% ../nbs/21_patchdis.ipynb #a6db69d5
 def unrepresentable(names: Sequence[str], vocab) -> list[str]:

@@ -17,9 +17,9 @@ from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['RetrievalSet', 'load_karpathy', 'retrieval_ranks', 'recall_at_k', 'chance_recall', 'load_image', 'encode_images',
-           'encode_texts', 'mean_active_words', 'evaluate_retrieval', 'TextBatch', 'LexTokenizer', 'OpenClipAdapter',
-           'load_lexvla_for_clip_benchmark', 'register_with_clip_benchmark']
+__all__ = ['IMAGE_FOLDERS', 'RetrievalSet', 'load_karpathy', 'find_karpathy', 'retrieval_ranks', 'recall_at_k', 'chance_recall',
+           'load_image', 'encode_images', 'encode_texts', 'mean_active_words', 'evaluate_retrieval', 'TextBatch',
+           'LexTokenizer', 'OpenClipAdapter', 'load_lexvla_for_clip_benchmark', 'register_with_clip_benchmark']
 
 # %% ../nbs/20_retrieval.ipynb #417eb1e8
 @dataclass(frozen=True)
@@ -123,6 +123,27 @@ def load_karpathy(json_path: str | Path, split: str = "test", image_root: str | 
         raise ValueError(f"{json_path}: no image in split {split!r}; splits present: {', '.join(found) or 'none'}")
     if check_files: _missing_files(images, "image"); _undecodable_files(images, "image")
     return RetrievalSet.from_lists(images, captions, name=f"{json_path.stem}:{split}")
+
+# %% ../nbs/20_retrieval.ipynb #3f414db3
+IMAGE_FOLDERS = (".", "images", "flickr30k-images", "flickr30k_images")
+
+def find_karpathy(folder: str | Path, split: str = "test") -> tuple[Path, Path]:
+    "(split file, image root) of a Karpathy-layout folder: one `dataset_*.json` and the images of its `split` below it."
+    folder = Path(folder)
+    if not folder.is_dir(): raise FileNotFoundError(f"Karpathy folder not found: {folder}")
+    found = sorted(folder.glob("dataset_*.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{folder} must hold exactly one Karpathy split file dataset_*.json "
+                                f"(e.g. dataset_flickr30k.json), found {[p.name for p in found] or 'none'}")
+    data = _read_json(found[0])
+    entries = data.get("images") if isinstance(data, dict) else None
+    first = next((e for e in entries or () if isinstance(e, dict) and e.get("split") == split and "filename" in e), None)
+    if first is None: raise ValueError(f"{found[0]}: no image in split {split!r}")
+    rel = Path(first.get("filepath", "")) / first["filename"]
+    for sub in IMAGE_FOLDERS:
+        if (folder / sub / rel).is_file(): return found[0], (folder / sub).resolve() if sub == "." else folder / sub
+    raise FileNotFoundError(f"the images of {found[0].name} are not in {folder}: looked for {rel} in "
+                            + ", ".join(str(folder / s) for s in IMAGE_FOLDERS))
 
 # %% ../nbs/20_retrieval.ipynb #591dc54f
 def _check_scores(scores: torch.Tensor, text_to_image: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,8 @@ __all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 
            'DataCursor', 'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name',
            'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'resolve_resume',
            'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record', 'resolve_mixed_precision',
-           'train', 'main']
+           'train', 'main', 'prepare_run', 'check_processes', 'LaunchError', 'launch_command', 'run_launched',
+           'launch_training']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -630,6 +631,124 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
               f"final checkpoint {res.checkpoint}")
     PartialState().destroy_process_group()
     return res
+
+# %% ../nbs/13_train.ipynb #50fa05d6
+def prepare_run(config: str | Path, out_dir: str | Path, data_urls: str = "", overrides: Sequence[str] = ()) -> tuple[TrainConfig, Path]:
+    """The TrainConfig of a launched run: file `config` with `overrides` (`key=value`), `data.urls=data_urls` if
+    given, and `out_dir`; checked (shards, resumability) and written to `out_dir/train_config.yaml`, which it returns."""
+    from lexvla.data import check_shards
+    sets = [*overrides, *([f"data.urls={data_urls}"] if data_urls else []), f"out_dir={out_dir}"]
+    cfg = TrainConfig.from_file(config, sets)
+    check_shards(cfg.data.urls, "data_urls" if data_urls else f"data.urls of {config}")
+    ckpt = resolve_resume(cfg)   # resume='never' with checkpoints there: an error now
+    if ckpt: check_resumable(ckpt, cfg, model_config(cfg))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return cfg, atomic_write(Path(out_dir) / "train_config.yaml", cfg.to_yaml())
+
+def check_processes(num_processes: int) -> str:
+    "'cuda' or 'cpu': where `num_processes` training processes run here; a ValueError naming `num_processes` if they cannot."
+    if num_processes < 1: raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if num_processes > n:
+            raise ValueError(f"num_processes={num_processes} but {n} GPU(s) are visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+        return "cuda"
+    n = os.cpu_count() or 1
+    if num_processes > n:
+        raise ValueError(f"num_processes={num_processes} but no GPU is visible: CPU processes (gloo) are limited to one "
+                         f"per CPU core, and this machine has {n}")
+    return "cpu"
+
+# %% ../nbs/13_train.ipynb #fd8059cc
+class LaunchError(RuntimeError):
+    "A launched training run failed: the failing process's `rank` and `exitcode` (negative: killed by that signal)."
+    def __init__(self, message: str, rank: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.rank, self.exitcode = rank, exitcode
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def launch_command(program: Sequence[str], num_processes: int = 1, mixed_precision: str = "no") -> list[str]:
+    "`python <program>` for one process; for more, `accelerate launch <program>` (torchrun, every line tagged with its rank)."
+    import sys
+    if num_processes == 1: return [sys.executable, *program]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "--tee", "3", *program]
+
+_RANKED = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")        # torchrun --tee: "[default3]:a line of rank 3"
+_BAR = re.compile(r"\|\s*\d+/\d+ \[")                       # a tqdm progress line: "...| 12/9000 [00:10<..."
+
+def _root_cause(lines: Sequence[str]) -> tuple[int | None, int | None]:
+    "Rank and exit code of torchrun's 'Root Cause (first observed failure)' section, if it printed one."
+    text = "\n".join(lines)
+    at = text.rfind("Root Cause")
+    if at < 0: return None, None
+    rank, code = re.search(r"rank\s*:\s*(\d+)", text[at:]), re.search(r"exitcode\s*:\s*(-?\d+)", text[at:])
+    return (int(rank[1]) if rank else None), (int(code[1]) if code else None)
+
+def _last_traceback(lines: Sequence[str], n: int = 12) -> str:
+    "From the last 'Traceback' line to the end, else the last `n` lines."
+    starts = [i for i, l in enumerate(lines) if l.startswith("Traceback (most recent call last)")]
+    return "\n".join(lines[starts[-1]:] if starts else lines[-n:])
+
+def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str] | None = None,
+                 progress_every: float = 60.0, keep: int = 200) -> None:
+    """Run a `launch_command`, printing its output as it comes; `LaunchError` with the failing rank's own error if
+    any process fails. `env` adds environment variables (the test hooks, for example)."""
+    import collections, subprocess
+    import lexvla
+    pkg_root = str(Path(lexvla.__file__).resolve().parents[1])   # the processes import this same lexvla
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    e["PYTHONPATH"] = os.pathsep.join([pkg_root, *([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])])
+    per_rank: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=keep))
+    launcher: collections.deque = collections.deque(maxlen=keep)
+    first_traceback: int | None = None
+    last_bar, held = 0.0, None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=e,
+                            start_new_session=True)   # its own process group, to stop all of it if we are interrupted
+    try:
+        for line in proc.stdout:   # text mode reads universal newlines: a progress bar's '\r' refresh is a line too
+            line = line.rstrip("\n")
+            m = _RANKED.match(line)
+            rank, text = (int(m[1]), m[2]) if m else (0 if num_processes == 1 else None, line)
+            (per_rank[rank] if rank is not None else launcher).append(text)
+            if rank is not None and first_traceback is None and text.startswith("Traceback (most recent call last)"):
+                first_traceback = rank
+            if _BAR.search(text) and time.monotonic() - last_bar < progress_every:
+                held = line; continue
+            if _BAR.search(text): last_bar = time.monotonic()
+            held = None
+            print(line, flush=True)
+        code = proc.wait()
+    except BaseException:   # KeyboardInterrupt (a stopped notebook): stop every process of the run
+        with contextlib.suppress(ProcessLookupError): os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(30)
+        except Exception:
+            with contextlib.suppress(ProcessLookupError): os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if held: print(held, flush=True)
+    if code == 0: return
+    rank, rcode = (0, code) if num_processes == 1 else _root_cause(launcher)
+    if rank is None: rank = first_traceback
+    how = f"exit code {rcode}" if rcode is not None else "a failure"
+    if rcode is not None and rcode < 0:
+        with contextlib.suppress(ValueError): how += f" ({signal.Signals(-rcode).name})"
+    lines = list(per_rank.get(rank, [])) if rank is not None else list(launcher)
+    who = f"rank {rank} of {num_processes}" if rank is not None else f"one of {num_processes} processes"
+    raise LaunchError(f"training failed: {who} ended with {how}; its output ends with:\n{_last_traceback(lines)}",
+                      rank, rcode)
+
+def launch_training(config_file: str | Path, num_processes: int = 1, mixed_precision: str = "no",
+                    env: dict[str, str] | None = None, progress_every: float = 60.0) -> None:
+    "Train the TrainConfig file `config_file` in `num_processes` processes (see `run_launched`)."
+    run_launched(launch_command(["-m", "lexvla.train", "--config", str(config_file)], num_processes, mixed_precision),
+                 num_processes, env, progress_every)
 
 # %% ../nbs/13_train.ipynb #4f81b44b
 if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "lexvla.train": main()
