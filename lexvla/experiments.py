@@ -24,7 +24,7 @@ __all__ = ['BENCHMARKS', 'SPARSITY', 'get_world', 'train_on_world', 'is_checkpoi
            'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/15_experiments.ipynb #40bb5d1d
-def get_world(world_dir: str | Path, n_train: int = 6000, n_test: int = 200, seed: int = 0,
+def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, seed: int = 0,
               progress: bool = True) -> WorldInfo:
     "The complete scene world in `world_dir` (any size), or a new one built there with these parameters."
     root = Path(world_dir)
@@ -33,8 +33,8 @@ def get_world(world_dir: str | Path, n_train: int = 6000, n_test: int = 200, see
     return build_world(root, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
 
 # %% ../nbs/15_experiments.ipynb #47a77940
-def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "smol", max_steps: int = 160,
-                   batch_size: int = 32, lr: float = 2e-3, lr_lora: float = 2e-4, warmup_steps: int = 16,
+def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "smol", max_steps: int = 200,
+                   batch_size: int = 32, lr: float = 1e-3, lr_lora: float = 1e-4, warmup_steps: int = 16,
                    lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
                    overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 120, seed: int = 0,
                    save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
