@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from .text import content_words
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['word_indices', 'false_activation_share', 'chance_false_share', 'word_precision_at_k', 'chance_word_precision',
-           'chance_miou', 'evaluate_world']
+__all__ = ['ENGLISH_FUNCTION_WORDS', 'word_indices', 'false_activation_share', 'chance_false_share', 'word_precision_at_k',
+           'chance_word_precision', 'function_word_indices', 'function_word_mass', 'chance_function_word_mass',
+           'most_active_words', 'chance_miou', 'evaluate_world']
 
 # %% ../nbs/14_evaluate.ipynb #b531794c
 def word_indices(words: Sequence[str], vocab: Vocabulary) -> list[int]:
@@ -57,6 +58,54 @@ def chance_word_precision(true_words: Sequence[Sequence[str]], vocab: Vocabulary
     "Expected precision@k of k words drawn at random from the vocabulary (the same for every k), averaged over images."
     return float(np.mean([len(word_indices(ws, vocab)) / len(vocab) for ws in true_words]))
 
+# %% ../nbs/14_evaluate.ipynb #74ea88f2
+ENGLISH_FUNCTION_WORDS: frozenset[str] = frozenset("""
+a an the
+i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it its itself
+we us our ours ourselves they them their theirs themselves this that these those who whom whose which what
+whoever whatever someone somebody something anyone anybody anything everyone everybody everything no-one nobody
+nothing
+of to in on at by for with from into onto about across after against along among around before behind beside
+besides between beyond despite during except inside near off out outside past per since through throughout till
+toward towards underneath until up upon via within without down
+and or but nor yet so because although though while whereas if unless whether than as when whenever where
+wherever both either neither
+be am is are was were been being have has had having do does did doing can could may might must shall should
+will would ought""".split())
+"English function words (articles, pronouns, prepositions, conjunctions, auxiliaries), minus the scene world's content words."
+
+def function_word_indices(vocab: Vocabulary, words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> list[int]:
+    "Positions of the vocabulary entries whose stripped, lower-cased form is in `words` (every case variant)."
+    return [j for j, w in enumerate(vocab.words) if w.strip().lower() in words]
+
+def function_word_mass(vecs: Tensor, vocab: Vocabulary, sparsify=None,
+                       words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> float:
+    """Mean over the vectors [B, V] of the share of each one's mass on function words (0 for a vector without mass).
+
+    `sparsify` (e.g. `lexvla.sparse.threshold`) is applied first; non-negative vectors are assumed."""
+    if vecs.dim() != 2 or vecs.shape[-1] != len(vocab):
+        raise ValueError(f"function_word_mass needs [B, {len(vocab)}] vectors, got {tuple(vecs.shape)}")
+    v = sparsify(vecs.float()) if sparsify is not None else vecs.float()
+    total = v.sum(-1)
+    fw = v[:, function_word_indices(vocab, words)].sum(-1)
+    return float(torch.where(total > 0, fw / total.clamp_min(1e-12), torch.zeros_like(total)).mean())
+
+def chance_function_word_mass(vocab: Vocabulary, words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> float:
+    "Function-word mass of a vector spread evenly over the whole vocabulary: the share of entries that are function words."
+    return len(function_word_indices(vocab, words)) / len(vocab)
+
+# %% ../nbs/14_evaluate.ipynb #f42239f9
+def most_active_words(vecs: Tensor, vocab: Vocabulary, k: int = 10, sparsify=threshold) -> list[tuple[str, float]]:
+    """The k words on (> 0 after `sparsify`, default the 1/√V threshold) in the largest share of the vectors [B, V],
+    as (word, share) pairs, largest share first, ties in vocabulary order; words on nowhere are left out."""
+    if vecs.dim() != 2 or vecs.shape[-1] != len(vocab):
+        raise ValueError(f"most_active_words needs [B, {len(vocab)}] vectors, got {tuple(vecs.shape)}")
+    if k < 1: raise ValueError(f"k must be at least 1, got {k}")
+    v = sparsify(vecs.float()) if sparsify is not None else vecs.float()
+    share = (v > 0).float().mean(0)
+    order = torch.sort(share, descending=True, stable=True).indices[:k]
+    return [(vocab.words[j], float(share[j])) for j in order.tolist() if share[j] > 0]
+
 # %% ../nbs/14_evaluate.ipynb #57ae7479
 def chance_miou(dataset: SegmentationSet, num_classes: int | None = None, max_images: int | None = None) -> float:
     "Expected mIoU (percent) of uniformly random labels on `dataset`, over the classes present in it."
@@ -85,9 +134,10 @@ def _true_words(karpathy_json: Path, split: str, n: int) -> list[list[str]]:
 
 def evaluate_world(model, world_root: str | Path, split: str = "test", max_images: int | None = None,
                    batch_size: int = 64, text_batch_size: int = 128, progress: bool = True,
-                   sparsify=None, allow_empty_classes: bool = False) -> dict[str, float]:
-    """Held-out retrieval R@1/5/10, PatchDis mIoU, active words, false activations and word precision@5 of
-    `model` on a scene world, each with its chance level (`chance_<metric>`).
+                   sparsify=None, allow_empty_classes: bool = False, top_k_words: int = 10) -> dict[str, Any]:
+    """Held-out retrieval R@1/5/10, PatchDis mIoU, active words, false activations, word precision@5 and function-word
+    mass (images, `_text` for captions) of `model` on a scene world, each with its chance level (`chance_<metric>`),
+    and `top_active_words`: the `top_k_words` words on for the most test images, as [word, share] pairs.
 
     `sparsify` (e.g. `partial(lexvla.sparse.topk, k=512)`) is applied to image, caption and patch vectors before
     scoring; active words and false activations are then measured on the sparsified vectors instead of after the
@@ -116,5 +166,9 @@ def evaluate_world(model, world_root: str | Path, split: str = "test", max_image
     out["chance_false_activation_share"] = chance_false_share(truth, model.vocab)
     out["word_precision@5"] = float(word_precision_at_k(img, truth, model.vocab, k=5).mean())
     out["chance_word_precision@5"] = chance_word_precision(truth, model.vocab)
+    out["function_word_mass"] = function_word_mass(img, model.vocab, sparsify=cut)
+    out["function_word_mass_text"] = function_word_mass(txt, model.vocab, sparsify=cut)
+    out["chance_function_word_mass"] = chance_function_word_mass(model.vocab)
+    out["top_active_words"] = [[w, s] for w, s in most_active_words(img, model.vocab, k=top_k_words, sparsify=cut)]
     out["n_images"], out["n_captions"], out["vocab_size"] = len(ds.images), len(ds.captions), V
     return out

@@ -38,11 +38,13 @@ def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "s
                    lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
                    overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 120, seed: int = 0,
                    save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
-                   progress: bool = True, model=None, resume: str = "auto", cache_frozen: bool = True):
+                   progress: bool = True, model=None, resume: str = "auto", overuse_min_share: float = 0.5,
+                   cache_frozen: bool = True):
     """Train on the world's training shards with the main job's recipe; returns `lexvla.train.TrainResult`.
 
     `model`: an already built model of the same config (saves building it again), as `lexvla.train.train` takes it.
     `resume`: `TrainConfig.resume` ("auto" continues a run of the same settings in `out_dir`, "fresh" starts over).
+    `overuse_min_share`: `LossConfig.overuse_min_share` (used by the `overused_only` penalty only).
     `cache_frozen`: `TrainConfig.cache_frozen` (exact; the frozen backbone and lower LM layers run once per sample)."""
     from lexvla.data import DataConfig
     from lexvla.losses import LossConfig
@@ -55,7 +57,8 @@ def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "s
         mixed_precision="auto", log_every=10, save_every=save_every, keep_checkpoints=2, out_dir=str(out_dir),
         seed=seed, progress=progress, resume=resume, cache_frozen=cache_frozen,
         loss=LossConfig(lambda_flops=lambda_flops, lambda_overuse=lambda_overuse, use_overuse=use_overuse,
-                        overuse=overuse, overuse_on=overuse_on, warmup_steps=reg_warmup_steps))
+                        overuse=overuse, overuse_on=overuse_on, overuse_min_share=overuse_min_share,
+                        warmup_steps=reg_warmup_steps))
     return train(tcfg, model=model)
 
 # %% ../nbs/15_experiments.ipynb #3673d32b

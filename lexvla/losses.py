@@ -5,7 +5,9 @@
 # %% ../nbs/10_losses.ipynb #124c03f5
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -14,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import check_fields
+from .sparse import default_threshold
 
 # %% auto #0
-__all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised', 'warmup_weight',
-           'LossConfig', 'lexical_loss']
+__all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised', 'active_share',
+           'df_weighted', 'sample_normalised', 'overused_only', 'warmup_weight', 'LossConfig', 'lexical_loss']
 
 # %% ../nbs/10_losses.ipynb #ba8a2e79
 def _dist_info() -> tuple[int, int]:
@@ -109,6 +112,35 @@ def peak_normalised(s: Tensor, eps: float = 1e-12) -> Tensor:
 OVERUSE: dict[str, Callable[[Tensor], Tensor]] = {"share_weighted": overuse, "concentration": concentration,
                                                   "peak_normalised": peak_normalised}
 
+# %% ../nbs/10_losses.ipynb #357de9d9
+def active_share(s: Tensor, tau: float | None = None) -> Tensor:
+    """Document frequency of every word of a [B, V] batch: the share of samples in which its weight is >= `tau`
+    (default 1/√V, the paper's sparsification threshold) and > 0. Returns [V] in [0, 1], without gradient."""
+    _check_batch(s, "active_share")
+    tau = default_threshold(s.shape[-1]) if tau is None else tau
+    s = s.detach().abs()
+    return ((s >= tau) & (s > 0)).float().mean(0)
+
+def df_weighted(s: Tensor, tau: float | None = None) -> Tensor:
+    "Overuse penalty sum_j d_j * a_j: each word's mean activation a_j weighted by its document frequency d_j (no gradient in d)."
+    _check_batch(s, "df_weighted")
+    return (active_share(s, tau) * s.abs().mean(0)).sum()
+
+def sample_normalised(s: Tensor, eps: float = 1e-12) -> Tensor:
+    """Overuse penalty sum_j q_j^2 with q_j the batch average of word j's share of each sample's L1 mass
+    (the share-weighted value of the batch after each row is scaled to unit L1 mass). Scale-free, in [1/V, 1]."""
+    _check_batch(s, "sample_normalised")
+    s = s.abs()
+    return (s / (s.sum(-1, keepdim=True) + eps)).mean(0).pow(2).sum()
+
+def overused_only(s: Tensor, min_share: float = 0.5, tau: float | None = None) -> Tensor:
+    "Overuse penalty sum_j [d_j > min_share] * a_j: the mean activation of the words on in more than `min_share` of the batch."
+    _check_batch(s, "overused_only")
+    if not 0 <= min_share < 1: raise ValueError(f"overused_only: min_share must be in [0, 1), got {min_share}")
+    return ((active_share(s, tau) > min_share).float() * s.abs().mean(0)).sum()
+
+OVERUSE.update(df_weighted=df_weighted, sample_normalised=sample_normalised, overused_only=overused_only)
+
 # %% ../nbs/10_losses.ipynb #c10421dc
 def warmup_weight(lam: float, step: int, warmup_steps: int) -> float:
     "Quadratic warm-up of a regulariser weight: lam * min(1, step / warmup_steps)^2 (lam itself if warmup_steps == 0)."
@@ -124,6 +156,7 @@ class LossConfig:
     warmup_steps: int = 0              # quadratic warm-up of both weights over this many steps (0 = off)
     use_overuse: bool = True           # False = the paper's "FLOPs" ablation (lambda_overuse treated as 0)
     overuse_on: str = "both"           # towers the overuse term charges: "both", "image" or "text"
+    overuse_min_share: float = 0.5     # "overused_only": charge only words on in more than this share of the batch
     gather: bool = True                # contrastive negatives from all ranks
     max_logit_scale: float = 100.0     # clamp of exp(logit_scale), as in CLIP
 
@@ -135,6 +168,13 @@ class LossConfig:
             raise ValueError(f"LossConfig.overuse={self.overuse!r} is not one of {sorted(OVERUSE)}")
         if self.overuse_on not in ("both", "image", "text"):
             raise ValueError(f"LossConfig.overuse_on={self.overuse_on!r} is not one of ['both', 'image', 'text']")
+        if not 0 <= self.overuse_min_share < 1:
+            raise ValueError(f"LossConfig.overuse_min_share must be in [0, 1), got {self.overuse_min_share}")
+
+    def overuse_fn(self) -> Callable[[Tensor], Tensor]:
+        "The overuse term `overuse` names, with this config's options bound (`overuse_min_share` where it takes `min_share`)."
+        fn = OVERUSE[self.overuse]
+        return partial(fn, min_share=self.overuse_min_share) if "min_share" in inspect.signature(fn).parameters else fn
 
     def weights(self, step: int) -> tuple[float, float]:
         "(lambda_flops, lambda_overuse) at training step `step`, warm-up and ablation applied."
@@ -150,7 +190,7 @@ def lexical_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig
     missing = [k for k in ("image", "text", "logit_scale") if k not in out]
     if missing: raise ValueError(f"lexical_loss: model output lacks {missing}; it has {sorted(out)}")
     img, txt, ls = out["image"], out["text"], out["logit_scale"]
-    over_fn = OVERUSE[cfg.overuse]
+    over_fn = cfg.overuse_fn()
     lf, lo = cfg.weights(step)
     terms = {"nce": contrastive(img, txt, ls, gather=cfg.gather, max_scale=cfg.max_logit_scale),
              "flops_img": flops(img), "flops_txt": flops(txt), "over_img": over_fn(img), "over_txt": over_fn(txt)}
