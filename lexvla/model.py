@@ -23,7 +23,7 @@ from .config import LexVLAConfig
 from .core import atomic_write
 from .sparse import make_sparse
 from .text import TextEncoder, check_texts
-from .vision import VisionEncoder, preprocess
+from .vision import PatchEncoder, preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
@@ -31,11 +31,14 @@ __all__ = ['CHECKPOINT_FILES', 'LexVLA', 'checkpoint_folder', 'load_safetensors'
 
 # %% ../nbs/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
-    "Images and texts in one sparse, non-negative, vocabulary-sized lexical space."
-    def __init__(self, cfg: LexVLAConfig, vocab: Vocabulary, text: TextEncoder, vision: VisionEncoder):
+    "Images and texts in one sparse, non-negative, vocabulary-sized lexical space (or, head='dense', a CLIP-style latent one)."
+    def __init__(self, cfg: LexVLAConfig, vocab: Vocabulary, text: TextEncoder, vision: PatchEncoder):
         super().__init__()
-        if len(vocab) != text.codebook.size or len(vocab) != vision.codebook.size:
+        if cfg.head == "lexical" and (len(vocab) != text.codebook.size or len(vocab) != vision.codebook.size):
             raise ValueError(f"vocabulary ({len(vocab)}) and codebooks ({text.codebook.size}, {vision.codebook.size}) disagree")
+        if cfg.head == "dense" and not (getattr(text, "dim", None) == getattr(vision, "dim", None) == cfg.dense_dim):
+            raise ValueError(f"head='dense': the towers' embedding widths ({getattr(text, 'dim', None)}, "
+                             f"{getattr(vision, 'dim', None)}) must both be LexVLAConfig.dense_dim={cfg.dense_dim}")
         self.cfg, self.vocab, self.text, self.vision = cfg, vocab, text, vision
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
 
@@ -43,6 +46,12 @@ class LexVLA(nn.Module):
     def device(self) -> torch.device: return self.logit_scale.device
     @property
     def grid(self) -> tuple[int, int]: return self.vision.grid
+    @property
+    def head(self) -> str: return self.cfg.head
+    @property
+    def dim(self) -> int:
+        "Width of the vectors the encoders return: V words (lexical head) or d (dense head)."
+        return len(self.vocab) if self.head == "lexical" else self.cfg.dense_dim
 
     def preprocess(self, img: Image.Image | Tensor | np.ndarray) -> Tensor:
         "One image (PIL of any mode/size, a [3,H,W] tensor, or a NumPy [H,W,C]/[H,W] array) -> normalised [3, S, S]."
@@ -64,20 +73,28 @@ class LexVLA(nn.Module):
         "Autograd only while training: in eval mode the encoders build no graph (their outputs do not require grad)."
         return contextlib.nullcontext() if self.training else torch.no_grad()
 
+    def _sparse(self, v: Tensor, sparse: str | int | None) -> Tensor:
+        "`make_sparse`, which only lexical vectors have: a dense model refuses any `sparse` but None."
+        if sparse is not None and self.head == "dense":
+            raise ValueError(f"sparse={sparse!r} keeps or drops words of lexical vectors, but this model's head is 'dense' "
+                             "(LexVLAConfig.head): its embeddings have no words. Pass sparse=None.")
+        return make_sparse(v, sparse)
+
     def encode_image(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
         """Image lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default (every word has a weight);
         `sparse="threshold"` keeps the paper's sparse form (the entries ≥ 1/√V), `sparse=k` the k largest entries
-        (kept weights unchanged, zeros elsewhere; `lexvla.sparse`)."""
-        with self._grad(): return make_sparse(self.vision(self.pixels(images)), sparse)
+        (kept weights unchanged, zeros elsewhere; `lexvla.sparse`). Dense head: unit-norm [B, d] embeddings, `sparse` an error."""
+        with self._grad(): return self._sparse(self.vision(self.pixels(images)), sparse)
 
     def encode_patches(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
-        "Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as there."
-        with self._grad(): return make_sparse(self.vision.patches(self.pixels(images)), sparse)
+        """Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as
+        there. Dense head: patch embeddings [B, N, d], not normalised (normalize(mean over N) = encode_image)."""
+        with self._grad(): return self._sparse(self.vision.patches(self.pixels(images)), sparse)
 
     def encode_text(self, texts: Sequence[str], sparse: str | int | None = None) -> Tensor:
         """Text lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default; `sparse="threshold"` gives the
-        paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries."""
-        with self._grad(): return make_sparse(self.text(check_texts(texts)), sparse)
+        paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries. Dense head: unit-norm [B, d] embeddings."""
+        with self._grad(): return self._sparse(self.text(check_texts(texts)), sparse)
 
     def forward(self, images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
         "Dense image and text vectors and the temperature, for the loss; builds the autograd graph in any mode."
@@ -86,30 +103,30 @@ class LexVLA(nn.Module):
     def cache_frozen(self, on: bool = True) -> list[str]:
         """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
         LM's hidden states below its lowest LoRA layer (`04_text`). Exact; pays when samples repeat. Returns the
-        towers cached; raises when nothing is frozen."""
+        towers cached, empty when nothing is frozen (the backbone trains and the LM has LoRA in layer 0)."""
         done = []
         if self.cfg.vision.freeze_backbone: self.vision.cache_tokens(on); done.append("vision")
         if self.text.lm is not None and self.text.first_trained_layer > 0 and self.text.use_prefix_cache():
             self.text.cache_states(on); done.append("text")
-        if on and not done:
-            raise ValueError("cache_frozen: nothing to cache: the vision backbone trains and the LM has LoRA in layer 0")
         return done
 
     def top_words(self, vec: Tensor, k: int = 10) -> list[tuple[str, float]]:
         "The k highest-weighted words of one lexical vector [V], as (word, weight)."
+        if self.head == "dense": raise ValueError("top_words reads lexical vectors; a dense model's embeddings have no words")
         if vec.ndim != 1 or vec.shape[0] != len(self.vocab):
             raise ValueError(f"top_words takes one vector of shape [{len(self.vocab)}], got {tuple(vec.shape)}")
         vals, idx = vec.detach().float().topk(min(k, vec.shape[0]))
         return [(self.vocab.words[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        "Trainable parameters by part, for separate learning rates: lora, adapter, codebook, vit, logit_scale."
+        """Trainable parameters by part, for separate learning rates: lora, adapter, codebook, vit, logit_scale.
+        The dense head's projections (`vision.proj`, `text.proj`) train with the adapter."""
         groups: dict[str, list[nn.Parameter]] = {"lora": [], "adapter": [], "codebook": [], "vit": [], "logit_scale": []}
         for name, p in self.named_parameters():
             if not p.requires_grad: continue
             if name == "logit_scale": groups["logit_scale"].append(p)
             elif name.startswith("vision.codebook"): groups["codebook"].append(p)
-            elif name.startswith("vision.adapter"): groups["adapter"].append(p)
+            elif name.startswith(("vision.adapter", "vision.proj.", "text.proj.")): groups["adapter"].append(p)
             elif name.startswith("vision.backbone"): groups["vit"].append(p)
             elif "lora_" in name: groups["lora"].append(p)
             else: raise RuntimeError(f"trainable parameter {name} belongs to no group")

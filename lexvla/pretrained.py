@@ -26,8 +26,8 @@ from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
 from .core import atomic_write
 from .model import LexVLA
-from .text import TextEncoder
-from .vision import VisionEncoder
+from .text import DenseTextEncoder, TextEncoder
+from .vision import DenseVisionEncoder, VisionEncoder
 from .vocab import Vocabulary, llama2_tokenizer, prune_vocab
 
 # %% auto #0
@@ -153,16 +153,27 @@ def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
 def build_model(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module, vocab: Vocabulary | None = None) -> LexVLA:
     "Assemble a LexVLA from a causal LM, its tokenizer and a vision backbone (no I/O)."
     vocab = vocab if vocab is not None else prune_vocab(tokenizer, cfg.vocab)
+    if cfg.head == "dense": return _build_dense(cfg, lm, tokenizer, backbone, vocab)
     rows = codebook_rows(lm, vocab.ids, cfg.text.codebook_init)
     z_txt = Codebook(rows, trainable=False)
     z_img = Codebook((centred_rows(rows.float()) if cfg.vision.codebook_init == "centred" else rows.float()), trainable=True)
-    decoder = None
-    if cfg.text.mode == "lm":
-        decoder = add_lora(lm.get_decoder(), cfg.text)
-        if cfg.text.gradient_checkpointing:
-            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder = _lora_decoder(lm, cfg.text) if cfg.text.mode == "lm" else None
     text = TextEncoder(decoder, tokenizer, vocab, z_txt, cfg.text)
     return LexVLA(cfg, vocab, text, VisionEncoder(backbone, z_img, cfg.vision))
+
+def _lora_decoder(lm: nn.Module, cfg: TextConfig) -> nn.Module:
+    "The causal LM's decoder with LoRA (and gradient checkpointing when the config asks for it)."
+    decoder = add_lora(lm.get_decoder(), cfg)
+    if cfg.gradient_checkpointing:
+        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return decoder
+
+def _build_dense(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module, vocab: Vocabulary) -> LexVLA:
+    "The latent baseline: the same LoRA LM, backbone and adapter as the lexical model, ending in two projections."
+    decoder = _lora_decoder(lm, cfg.text)                 # random draws: LoRA, the adapter (as for the lexical model),
+    vision = DenseVisionEncoder(backbone, cfg.vision, lm.config.hidden_size, cfg.dense_dim)   # then the projections
+    text = DenseTextEncoder(decoder, tokenizer, vocab, cfg.text, cfg.dense_dim)
+    return LexVLA(cfg, vocab, text, vision)
 
 def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LexVLA:
@@ -191,7 +202,10 @@ def count_parameters(name: str | LexVLAConfig) -> dict[str, int]:
         vision_cfg = cfg.vision.backbone_config or AutoConfig.from_pretrained(cfg.vision.backbone).to_dict()
         model = build_model(cfg, lm, tokenizer, model_cls(config_cls(**vision_cfg)), vocab)
     counts = {k: sum(p.numel() for p in ps) for k, ps in model.param_groups().items()}
-    counts["visual_codebook"] = counts.pop("codebook")
+    counts["visual_codebook"] = counts.pop("codebook", 0)
+    if cfg.head == "dense":   # the projections train in the adapter group; counted apart here
+        counts["projections"] = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision.proj.", "text.proj.")))
+        counts["adapter"] -= counts["projections"]
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     counts["vocab_size"] = len(vocab)

@@ -22,7 +22,7 @@ from .vocab import Vocabulary
 
 # %% auto #0
 __all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'CaptionTruncatedWarning',
-           'TextEncoder']
+           'TextEncoder', 'DenseTextEncoder']
 
 # %% ../nbs/04_text.ipynb #0931287d
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -92,7 +92,7 @@ class CaptionTruncatedWarning(UserWarning):
 
 class TextEncoder(nn.Module):
     "Caption -> lexical vector through in-context lexical prediction (or a bag of words in `bow` mode)."
-    def __init__(self, lm: nn.Module | None, tokenizer, vocab: Vocabulary, codebook: Codebook, cfg: TextConfig):
+    def __init__(self, lm: nn.Module | None, tokenizer, vocab: Vocabulary, codebook: Codebook | None, cfg: TextConfig):
         super().__init__()
         if cfg.mode == "lm" and lm is None: raise ValueError("TextEncoder in 'lm' mode needs a language model")
         self.lm, self.tokenizer, self.vocab, self.codebook, self.cfg = lm, tokenizer, vocab, codebook, cfg
@@ -125,7 +125,7 @@ class TextEncoder(nn.Module):
         return [keep(c) + self.suffix_ids for c in caps]
 
     @property
-    def device(self) -> torch.device: return self.codebook.weight.device
+    def device(self) -> torch.device: return next(self.parameters()).device   # the LM's, or (bag of words) Z_txt's
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
         n = max(len(s) for s in seqs)
@@ -227,3 +227,25 @@ class TextEncoder(nn.Module):
         mask = torch.zeros(len(states), n, dtype=torch.long, device=h.device)
         for i, s in enumerate(states): h[i, n - len(s):], mask[i, n - len(s):] = s, 1
         return self.lm.norm(self._run_layers(self.lm.layers[k:], h, mask, kv))[:, -1]
+
+# %% ../nbs/04_text.ipynb #1f430a4a
+class DenseTextEncoder(TextEncoder):
+    "Caption -> CLIP-style embedding [B, d]: the LM's hidden state at the last prompt token, a linear projection, L2 norm."
+    def __init__(self, lm: nn.Module, tokenizer, vocab: Vocabulary, cfg: TextConfig, dim: int):
+        if cfg.mode != "lm" or lm is None:
+            raise ValueError(f"DenseTextEncoder needs a language model (TextConfig.mode='lm'), got mode={cfg.mode!r}")
+        super().__init__(lm, tokenizer, vocab, None, cfg)
+        width = lm.config.hidden_size
+        self.proj = nn.Linear(width, dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)   # CLIP's initialisation of its projections
+
+    @property
+    def dim(self) -> int: return self.proj.out_features
+
+    def scores(self, texts: Sequence[str]) -> Tensor:
+        raise ValueError("a dense text tower (LexVLAConfig.head='dense') has no word scores: it has no codebook")
+
+    def forward(self, texts: Sequence[str]) -> Tensor:
+        "L2-normalised text embeddings [B, d]."
+        h = self.hidden(check_texts(texts))
+        return F.normalize(self.proj(h.to(self.proj.weight.dtype)).float(), dim=-1)

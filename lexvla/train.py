@@ -33,7 +33,7 @@ from .config import ConfigIO, LexVLAConfig, config_file, get_config
 from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, load_yaml, locked_dir,
                           seed_everything)
 from .data import DataConfig, PairLoader
-from .losses import LossConfig, lexical_loss
+from .losses import LossConfig, lexical_loss, loss_for_head
 from .model import LexVLA, load_safetensors
 from .sparse import active_words, threshold
 from .vision import preprocess
@@ -451,11 +451,12 @@ def _check_finite(accelerator, value: Tensor, what: str, step: int, terms: dict 
 
 # %% ../nbs/13_train.ipynb #ead2ae07
 def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None, model: LexVLA | None = None,
-          loss_fn: LossFn = lexical_loss, stop_at: int | None = None) -> TrainResult:
+          loss_fn: LossFn | None = None, stop_at: int | None = None) -> TrainResult:
     """Train (or continue training) a LexVLA model as `cfg` says; see the notebook 13_train for the recipe.
 
     `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
-    model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces `lexical_loss`; `stop_at` pauses the
+    model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces the objective of the model's head (`lexical_loss`,
+    or `dense_loss` for the dense baseline: `lexvla.losses.loss_for_head`); `stop_at` pauses the
     run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`).
     The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
     main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
@@ -498,9 +499,12 @@ def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
     if cfg.cache_frozen:
         towers = model.cache_frozen()
-        if main: print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample")
+        if main: print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample" if towers
+                       else "cache_frozen: nothing is frozen (the backbone trains, LoRA reaches layer 0): no cache")
     model.train()
     mcfg = model.cfg
+    loss_fn = loss_fn if loss_fn is not None else loss_for_head(mcfg.head)
+    lexical = mcfg.head == "lexical"   # active words are logged for word vectors only
     optimizer = make_optimizer(model, cfg)
     group_names = [g["name"] for g in optimizer.param_groups]
     scheduler = make_scheduler(optimizer, cfg)
@@ -562,12 +566,12 @@ def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
             if step % cfg.log_every == 0 or step == end:
                 keys = sorted(micro[0])
                 vals = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in keys]).to(acc.device)
-                aw = torch.stack([active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")])
-                vals = torch.cat([vals, aw.to(acc.device), torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
+                extra = ["active_words_img", "active_words_txt"] if lexical else []
+                aw = [active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")] if lexical else []
+                vals = torch.cat([vals, *(a.to(acc.device).reshape(1) for a in aw),
+                                  torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
                 if world > 1: vals = acc.reduce(vals, reduction="mean")
-                vals = vals.tolist()
-                entry = {"step": step, **dict(zip(keys, vals[:len(keys)])),
-                         "active_words_img": vals[len(keys)], "active_words_txt": vals[len(keys) + 1], "grad_norm": vals[-1]}
+                entry = {"step": step, **dict(zip([*keys, *extra, "grad_norm"], vals.tolist()))}
                 lrs = scheduler.get_last_lr()
                 for n, lr in zip(group_names, lrs): entry.setdefault(f"lr/{n.removesuffix('_no_decay')}", lr)
                 entry["logit_scale"] = float(acc.unwrap_model(model).logit_scale.detach().float())

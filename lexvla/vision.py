@@ -18,7 +18,8 @@ from .codebook import Codebook, elu1p
 from .config import VisionConfig
 
 # %% auto #0
-__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'array_image', 'Adapter', 'TokenCache', 'VisionEncoder']
+__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'array_image', 'Adapter', 'TokenCache', 'PatchEncoder', 'VisionEncoder',
+           'DenseVisionEncoder']
 
 # %% ../nbs/05_vision.ipynb #345ba471
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -131,15 +132,15 @@ def _n_prefix_tokens(backbone: nn.Module) -> int:
     "CLS plus register tokens before the patch tokens."
     return 1 + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
 
-class VisionEncoder(nn.Module):
-    "Images -> patch lexical vectors [B, N, V] and image lexical vectors [B, V]."
-    def __init__(self, backbone: nn.Module, codebook: Codebook, cfg: VisionConfig):
+class PatchEncoder(nn.Module):
+    "The trunk every vision head shares: images -> the backbone's patch tokens -> adapted patch tokens [B, N, C]."
+    def __init__(self, backbone: nn.Module, cfg: VisionConfig, out_dim: int):
         super().__init__()
-        self.backbone, self.codebook, self.cfg = backbone, codebook, cfg
+        self.backbone, self.cfg = backbone, cfg
         width, patch = backbone.config.hidden_size, backbone.config.patch_size
         if cfg.image_size % patch: raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size {patch}")
         self.grid = (cfg.image_size // patch, cfg.image_size // patch)
-        self.adapter = Adapter(width, codebook.dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
+        self.adapter = Adapter(width, out_dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
         self.n_prefix = _n_prefix_tokens(backbone)
         self.token_cache: TokenCache | None = None  # see `cache_tokens`
         if cfg.freeze_backbone:
@@ -151,7 +152,7 @@ class VisionEncoder(nn.Module):
         return self
 
     @property
-    def device(self) -> torch.device: return self.codebook.weight.device
+    def device(self) -> torch.device: return self.adapter.mlp[0].weight.device
 
     def check_pixels(self, x: Tensor) -> Tensor:
         S = self.cfg.image_size
@@ -181,6 +182,12 @@ class VisionEncoder(nn.Module):
         "Adapted patch tokens [B, N, C] (C = codebook dimension)."
         return self.adapter(self.backbone_tokens(pixels).to(self.adapter.mlp[0].weight.dtype))
 
+class VisionEncoder(PatchEncoder):
+    "Images -> patch lexical vectors [B, N, V] and image lexical vectors [B, V]."
+    def __init__(self, backbone: nn.Module, codebook: Codebook, cfg: VisionConfig):
+        super().__init__(backbone, cfg, codebook.dim)
+        self.codebook = codebook
+
     def patches(self, pixels: Tensor) -> Tensor:
         "Per-patch lexical activations ELU1p(h·Z_imgᵀ), not normalised: [B, N, V]."
         return elu1p(self.codebook(self.patch_features(pixels)).float())
@@ -189,3 +196,22 @@ class VisionEncoder(nn.Module):
         "L2-normalised image lexical vectors [B, V] = normalize(max over patches)."
         pooled = self.codebook.max_scores(self.patch_features(pixels), self.cfg.patch_chunk)
         return F.normalize(elu1p(pooled.float()), dim=-1)
+
+# %% ../nbs/05_vision.ipynb #884cadce
+class DenseVisionEncoder(PatchEncoder):
+    "Images -> patch embeddings [B, N, d] and CLIP-style image embeddings [B, d] (mean of patches, linear, L2 norm)."
+    def __init__(self, backbone: nn.Module, cfg: VisionConfig, width: int, dim: int):
+        super().__init__(backbone, cfg, width)
+        self.proj = nn.Linear(width, dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)   # CLIP's initialisation of its projections
+
+    @property
+    def dim(self) -> int: return self.proj.out_features
+
+    def patches(self, pixels: Tensor) -> Tensor:
+        "Per-patch embeddings W·h_n, not normalised: [B, N, d]."
+        return self.proj(self.patch_features(pixels)).float()
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        "L2-normalised image embeddings [B, d] = normalize(W · mean over patches of the adapted tokens)."
+        return F.normalize(self.proj(self.patch_features(pixels).mean(1)).float(), dim=-1)
