@@ -48,8 +48,8 @@ train: install
 	mkdir -p $(RUN)
 	cd nbs && HF_HUB_OFFLINE=1 ../$(BIN)/papermill --log-output train.ipynb ../$(RUN)/train.ipynb -p out_dir ../$(RUN) $(NB_ARGS)
 
-## Tests: clean notebooks, library in sync, nbdev_test, pytest (per-notebook results).
-test: install check-clean check-export nbtest pytest
+## Tests: clean notebooks, library in sync, then pytest: every notebook once (tests/test_notebooks.py, one result each, as nbdev_test runs them) and tests/.
+test: install check-clean check-export pytest
 
 check-clean: install
 	$(BIN)/python tests/check_repo.py clean
@@ -57,6 +57,7 @@ check-clean: install
 check-export: install
 	$(BIN)/python tests/check_repo.py export
 
+## nbdev_test alone (the notebooks only; `make test` runs them through pytest instead, once)
 nbtest: install
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --n_workers 0
 
