@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .sparse import threshold, topk
-from .train import atomic_write_text
+from .core import atomic_write
 
 # %% auto #0
 __all__ = ['META', 'SHARD', 'VEC', 'FORMAT', 'check_vectors', 'check_ids', 'sparsify', 'brute_force', 'explain', 'Hit',
@@ -165,7 +165,7 @@ class LexicalIndex:
         if getattr(self, "_shard", None) is not None: self._shard.flush(); self._shard.close(); self._shard = None
         if self._tmp is not None: self._tmp.cleanup(); self._tmp = None
 
-    def _save_meta(self) -> None: atomic_write_text(self.root / META, json.dumps(self.meta))
+    def _save_meta(self) -> None: atomic_write(self.root / META, json.dumps(self.meta))
 
     def _undo(self, after: int) -> None:
         "Delete the points of every add numbered above `after`: adds that did not complete."
