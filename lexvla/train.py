@@ -55,7 +55,7 @@ GROUPS = ("lora", "adapter", "codebook", "vit", "logit_scale")
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigIO):
-    "How to train a LexVLA model (DESIGN.md §7): model, data, objective, optimiser, schedule, precision, checkpoints."
+    "How to train a LexVLA model (paper Sec. 4; `13_train`): model, data, objective, optimiser, schedule, precision, checkpoints."
     data: DataConfig                         # the webdataset shards and batching (batch_size is per process)
     model: str = "tiny"                      # registered config name ('paper', 'smol', 'tiny') or a LexVLAConfig .yaml/.json
     model_overrides: dict | None = None      # nested LexVLAConfig fields to replace, e.g. {"text": {"gradient_checkpointing": True}}
