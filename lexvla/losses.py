@@ -89,7 +89,7 @@ def flops(s: Tensor) -> Tensor:
 # %% ../nbs/10_losses.ipynb #2328249f
 def overuse(s: Tensor, eps: float = 1e-12) -> Tensor:
     """Share-weighted overuse penalty of a [B, V] batch: sum_j p_j * a_j with a_j the mean activation of word j
-    and p_j = a_j / sum_k a_k its share of the batch's activation mass (DESIGN.md §6 candidate).
+    and p_j = a_j / sum_k a_k its share of the batch's activation mass (our choice; the paper's formula is not published).
     Uses |s| (LexVLA's vectors are non-negative, so this is s itself)."""
     _check_batch(s, "overuse")
     a = s.abs().mean(0)
@@ -150,7 +150,7 @@ def warmup_weight(lam: float, step: int, warmup_steps: int) -> float:
 
 @dataclass(frozen=True)
 class LossConfig:
-    "Weights of the LexVLA objective (DESIGN.md §6). Defaults assume L2-normalised, non-negative lexical vectors."
+    "Weights of the LexVLA objective (`10_losses`). Defaults assume L2-normalised, non-negative lexical vectors."
     lambda_flops: float = 0.1          # weight of FLOPs(img) + FLOPs(txt)
     lambda_overuse: float = 10.0       # weight of Over(img) + Over(txt); Over is ~100x smaller than FLOPs
     overuse: str = "share_weighted"    # key of OVERUSE

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +28,8 @@ from .vision import PatchEncoder, preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FILES', 'LexVLA', 'checkpoint_folder', 'load_safetensors']
+__all__ = ['CHECKPOINT_FILES', 'CKPT_RE', 'LexVLA', 'checkpoint_name', 'list_checkpoints', 'latest_checkpoint',
+           'checkpoint_folder', 'load_safetensors']
 
 # %% ../nbs/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
@@ -146,18 +148,6 @@ class LexVLA(nn.Module):
         atomic_write(d / "config.json", self.cfg.to_json())
         return d
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
-        """Rebuild the model from its config (frozen backbones by name/path), then load the trained weights.
-        `directory` is a checkpoint folder, or a training run's `out_dir` (its newest checkpoint is loaded)."""
-        from lexvla.pretrained import create_model
-        d = checkpoint_folder(directory)
-        cfg = LexVLAConfig.from_file(d / "config.json")
-        vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
-        model = create_model(cfg, vocab=vocab, device=device)
-        model.load_trainable(load_safetensors(d / "model.safetensors"))
-        return model
-
     def load_trainable(self, tensors: dict[str, Tensor]) -> None:
         "Load trainable weights; the names must match exactly."
         expected = set(self.trainable_state_dict())
@@ -168,12 +158,26 @@ class LexVLA(nn.Module):
 
 # %% ../nbs/07_model.ipynb #9a3b5c01
 CHECKPOINT_FILES = ("config.json", "vocab.json", "model.safetensors")
+CKPT_RE = re.compile(r"^step_(\d+)$")
+
+def checkpoint_name(step: int) -> str: return f"step_{step:06d}"
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    "Complete checkpoints in `out_dir/checkpoints` as (step, folder), oldest first."
+    d = Path(out_dir) / "checkpoints"
+    if not d.is_dir(): return []
+    found = [(int(m[1]), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "state.json").is_file()]
+    return sorted(found)
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    "The newest complete checkpoint folder, or None."
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
 
 def checkpoint_folder(directory: str | os.PathLike) -> Path:
     "The checkpoint folder `directory` names: itself, or for a training run's `out_dir`, its newest checkpoint."
     d = Path(directory)
     if not (d / "config.json").exists() and (d / "checkpoints").is_dir():
-        from lexvla.train import latest_checkpoint
         ck = latest_checkpoint(d)
         if ck is None: raise FileNotFoundError(f"{d} is a training run folder, but {d / 'checkpoints'} holds no complete "
                                                "checkpoint (a step_* folder with state.json): did the run save one?")

@@ -25,14 +25,14 @@ from .codebook import Codebook, centred_rows, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
 from .core import atomic_write
-from .model import LexVLA
+from .model import LexVLA, checkpoint_folder, load_safetensors
 from .text import DenseTextEncoder, TextEncoder
 from .vision import DenseVisionEncoder, VisionEncoder
 from .vocab import Vocabulary, llama2_tokenizer, prune_vocab
 
 # %% auto #0
 __all__ = ['WEIGHT_PACKAGES', 'cache_dir', 'resolve', 'seeded', 'load_tokenizer', 'load_causal_lm', 'backbone_classes',
-           'load_backbone', 'add_lora', 'build_model', 'create_model', 'count_parameters']
+           'load_backbone', 'add_lora', 'build_model', 'create_model', 'from_pretrained', 'count_parameters']
 
 # %% ../nbs/08_pretrained.ipynb #fa3c5306
 def cache_dir() -> Path:
@@ -184,6 +184,17 @@ def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = Non
     backbone = load_backbone(cfg.vision, cfg.seed + 1, dtype)
     with seeded(cfg.seed + 2): model = build_model(cfg, lm, tokenizer, backbone, vocab)
     return model.to(device) if device is not None else model
+
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
+    """A saved LexVLA: rebuilt from its config (frozen backbones by name/path) with `create_model`, then its trained
+    weights loaded. `directory` is a `LexVLA.save_pretrained` folder, a training checkpoint, or a training run's
+    `out_dir` (its newest checkpoint is loaded)."""
+    d = checkpoint_folder(directory)
+    cfg = LexVLAConfig.from_file(d / "config.json")
+    vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
+    model = create_model(cfg, vocab=vocab, device=device)
+    model.load_trainable(load_safetensors(d / "model.safetensors"))
+    return model
 
 # %% ../nbs/08_pretrained.ipynb #f2768a22
 def _meta_lm(cfg: TextConfig) -> nn.Module:

@@ -305,8 +305,8 @@ def load_lexvla_for_clip_benchmark(model_name: str, pretrained: str | None = Non
         model = create_model(model_name)
     else:
         if not Path(pretrained).is_dir(): raise FileNotFoundError(f"LexVLA checkpoint folder not found: {pretrained}")
-        from lexvla.model import LexVLA
-        model = LexVLA.from_pretrained(pretrained)
+        from lexvla.pretrained import from_pretrained
+        model = from_pretrained(pretrained)
     adapter = OpenClipAdapter(model.to(device)).eval()
     return adapter, adapter.transform, adapter.tokenizer
 

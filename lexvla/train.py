@@ -34,19 +34,19 @@ from .core import (ConfigError, atomic_write, check_fields, environment_info, fs
                           seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss, loss_for_head
-from .model import LexVLA, load_safetensors
+from .model import LexVLA, checkpoint_name, latest_checkpoint, list_checkpoints, load_safetensors
+from .pretrained import create_model
 from .sparse import active_words, threshold
 from .vision import preprocess
 from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'CKPT_RE', 'RESULT_NEUTRAL', 'LossFn', 'TrainConfig',
-           'apply_overrides', 'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform',
-           'DataCursor', 'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'checkpoint_name',
-           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'resolve_resume',
-           'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record', 'resolve_mixed_precision',
-           'train', 'main', 'prepare_run', 'check_processes', 'LaunchError', 'launch_command', 'run_launched',
-           'launch_training']
+__all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'RESULT_NEUTRAL', 'LossFn', 'TrainConfig', 'apply_overrides',
+           'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
+           'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'save_checkpoint', 'load_checkpoint',
+           'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
+           'resolve_mixed_precision', 'train', 'main', 'prepare_run', 'check_processes', 'LaunchError',
+           'launch_command', 'run_launched', 'launch_training']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -55,7 +55,7 @@ GROUPS = ("lora", "adapter", "codebook", "vit", "logit_scale")
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigIO):
-    "How to train a LexVLA model (DESIGN.md §7): model, data, objective, optimiser, schedule, precision, checkpoints."
+    "How to train a LexVLA model (paper Sec. 4; `13_train`): model, data, objective, optimiser, schedule, precision, checkpoints."
     data: DataConfig                         # the webdataset shards and batching (batch_size is per process)
     model: str = "tiny"                      # registered config name ('paper', 'smol', 'tiny') or a LexVLAConfig .yaml/.json
     model_overrides: dict | None = None      # nested LexVLAConfig fields to replace, e.g. {"text": {"gradient_checkpointing": True}}
@@ -225,22 +225,6 @@ def rng_preserved():
     finally: set_rng_state(st)
 
 # %% ../nbs/13_train.ipynb #8caaec92
-CKPT_RE = re.compile(r"^step_(\d+)$")
-
-def checkpoint_name(step: int) -> str: return f"step_{step:06d}"
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    "Complete checkpoints in `out_dir/checkpoints` as (step, folder), oldest first."
-    d = Path(out_dir) / "checkpoints"
-    if not d.is_dir(): return []
-    found = [(int(m[1]), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "state.json").is_file()]
-    return sorted(found)
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    "The newest complete checkpoint folder, or None."
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
 def _prune(ckdir: Path, keep: int) -> None:
     for p in ckdir.iterdir():   # leftovers of interrupted saves
         if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
@@ -401,7 +385,7 @@ class TrainResult:
     model: LexVLA                 # the trained model (unwrapped, in eval mode)
     history: list[dict]           # logged metrics, one dict per log/eval event (continued across resumptions)
     out_dir: Path
-    checkpoint: Path | None       # the final checkpoint (LexVLA.from_pretrained(checkpoint) loads the model)
+    checkpoint: Path | None       # the final checkpoint (lexvla.pretrained.from_pretrained(checkpoint) loads it)
     step: int                     # optimizer steps done in total
     steps_per_s: float            # optimizer steps per second of training in this call (no eval, no checkpoint time)
     samples_per_s: float          # image-text pairs per second, all ranks
@@ -430,7 +414,6 @@ def _hparams(d: dict, prefix: str = "") -> dict:
     return out
 
 def _build_model(cfg: TrainConfig, ckpt: Path | None) -> LexVLA:
-    from lexvla.pretrained import create_model
     vocab = Vocabulary.from_dict(json.loads((ckpt / "vocab.json").read_text())) if ckpt else None
     dtype = FROZEN_DTYPES[cfg.frozen_dtype]
     return create_model(model_config(cfg), vocab=vocab, dtype=None if dtype == torch.float32 else dtype)

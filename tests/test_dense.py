@@ -20,7 +20,7 @@ from lexvla.evaluate import LEXICAL_METRICS, evaluate_world
 from lexvla.losses import LossConfig, contrastive, dense_loss
 from lexvla.model import LexVLA
 from lexvla.patchdis import class_text_vectors, evaluate_patchdis, load_voc, patch_scores, prepare_images
-from lexvla.pretrained import create_model
+from lexvla.pretrained import create_model, from_pretrained
 from lexvla.retrieval import load_karpathy, recall_at_k
 from lexvla.train import TrainConfig, train
 
@@ -131,7 +131,7 @@ def test_training_lowers_the_contrastive_loss_and_checkpoints_load(shards, tmp_p
     assert logged and all(h["loss"] == h["nce"] for h in logged)        # the loss is the InfoNCE alone
     assert not any(k.startswith(("flops", "over", "active_words", "lambda_")) for h in logged for k in h)
     # the final checkpoint holds only the trainable weights and rebuilds the same model
-    back = LexVLA.from_pretrained(res.checkpoint).eval()
+    back = from_pretrained(res.checkpoint).eval()
     assert back.cfg == res.model.cfg and back.head == "dense"
     imgs = _images()
     with torch.no_grad():

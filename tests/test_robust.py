@@ -302,13 +302,13 @@ def run_dir(shards, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_safetensors_names_the_file_and_the_remedy(run_dir, tmp_path, damage):
     import shutil
-    from lexvla.model import LexVLA
+    from lexvla.pretrained import from_pretrained
     ck = tmp_path / "step_000004"
     shutil.copytree(run_dir / "checkpoints" / "step_000004", ck)
     f = ck / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00\xff\xfe" + b"x" * 64)
     with pytest.raises(ValueError, match=rf"{f} cannot be read .*damaged or truncated.*earlier"):
-        LexVLA.from_pretrained(ck)
+        from_pretrained(ck)
 
 
 def test_resume_from_damaged_checkpoint_names_the_file(shards, tmp_path):
@@ -326,16 +326,16 @@ def test_resume_from_damaged_checkpoint_names_the_file(shards, tmp_path):
 
 
 def test_from_pretrained_takes_a_run_folder_and_says_which_checkpoint(run_dir, tmp_path, capsys):
-    from lexvla.model import LexVLA
-    m = LexVLA.from_pretrained(run_dir)
+    from lexvla.pretrained import from_pretrained
+    m = from_pretrained(run_dir)
     assert f"loading its newest checkpoint {run_dir / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
-    ref = LexVLA.from_pretrained(run_dir / "checkpoints" / "step_000004").trainable_state_dict()
+    ref = from_pretrained(run_dir / "checkpoints" / "step_000004").trainable_state_dict()
     assert all(torch.equal(t, ref[n]) for n, t in m.trainable_state_dict().items())
     with pytest.raises(FileNotFoundError, match=r"not a lexvla checkpoint folder.*out_dir/checkpoints/step_NNNNNN"):
-        LexVLA.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
-        LexVLA.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_clip_benchmark_without_open_clip_says_so(tmp_path, monkeypatch):
