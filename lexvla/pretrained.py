@@ -188,13 +188,14 @@ def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = Non
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
     """A saved LexVLA: rebuilt from its config (frozen backbones by name/path) with `create_model`, then its trained
     weights loaded. `directory` is a `LexVLA.save_pretrained` folder, a training checkpoint, or a training run's
-    `out_dir` (its newest checkpoint is loaded)."""
+    `out_dir` (its newest checkpoint is loaded). Returned in eval mode, as for inference: its encoders build no
+    autograd graph (call `.train()` to fine-tune it)."""
     d = checkpoint_folder(directory)
     cfg = LexVLAConfig.from_file(d / "config.json")
     vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
     model = create_model(cfg, vocab=vocab, device=device)
     model.load_trainable(load_safetensors(d / "model.safetensors"))
-    return model
+    return model.eval()
 
 # %% ../nbs/08_pretrained.ipynb #f2768a22
 def _meta_lm(cfg: TextConfig) -> nn.Module:

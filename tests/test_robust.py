@@ -331,6 +331,7 @@ def test_from_pretrained_takes_a_run_folder_and_says_which_checkpoint(run_dir, t
     assert f"loading its newest checkpoint {run_dir / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
     ref = from_pretrained(run_dir / "checkpoints" / "step_000004").trainable_state_dict()
     assert all(torch.equal(t, ref[n]) for n, t in m.trainable_state_dict().items())
+    assert not m.training and not m.encode_text(["a red star"]).requires_grad   # loaded for inference: no autograd graph
     with pytest.raises(FileNotFoundError, match=r"not a lexvla checkpoint folder.*out_dir/checkpoints/step_NNNNNN"):
         from_pretrained(tmp_path)
     (tmp_path / "checkpoints").mkdir()
