@@ -87,7 +87,7 @@ def load_or_train(path: str | Path, world_root: str | Path, fallback_dir: str | 
               f"{train_kw['max_steps']} steps in {fallback_dir}")
         res = train_on_world(world_root, fallback_dir, **train_kw)
         return res.model.eval(), res.checkpoint
-    return from_pretrained(ck).eval(), ck
+    return from_pretrained(ck), ck
 
 # %% ../nbs/15_experiments.ipynb #45101772
 @dataclass
