@@ -30,7 +30,7 @@ setuptools.setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     packages=setuptools.find_packages(include=["lexvla", "lexvla.*"]),
-    package_data={"lexvla": ["assets/*", "assets/**/*", "configs/*"]},
+    package_data={"lexvla": ["assets/*", "assets/**/*", "configs/*", "configs/**/*"]},
     include_package_data=True,
     install_requires=requirements,
     extras_require={"dev": dev_requirements, "search-bench": cfg.get("search_bench_requirements", "").split()},

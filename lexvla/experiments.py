@@ -5,6 +5,7 @@
 # %% ../nbs/15_experiments.ipynb #07222aae
 from __future__ import annotations
 
+import importlib.resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,10 @@ from .scenes import WorldInfo, build_world, load_world
 from .text import content_words
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'SPARSITY', 'get_world', 'train_on_world', 'is_checkpoint', 'find_checkpoint', 'load_or_train',
-           'SplitVectors', 'true_words', 'encode_split', 'markdown_table', 'save_table', 'require_checkpoint',
-           'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
+__all__ = ['RECIPE_ARGS', 'BENCHMARKS', 'SPARSITY', 'get_world', 'recipe_file', 'recipe_config', 'train_on_world',
+           'is_checkpoint', 'find_checkpoint', 'load_or_train', 'SplitVectors', 'true_words', 'encode_split',
+           'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks', 'evaluate_benchmarks', 'table1',
+           'table2', 'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/15_experiments.ipynb #40bb5d1d
 def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, seed: int = 0,
@@ -33,33 +35,43 @@ def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, see
     return build_world(root, n_train=n_train, n_test=n_test, seed=seed, progress=progress)
 
 # %% ../nbs/15_experiments.ipynb #47a77940
-def train_on_world(world_root: str | Path, out_dir: str | Path, config: str = "smol", max_steps: int = 200,
-                   batch_size: int = 32, lr: float = 1e-3, lr_lora: float = 1e-4, warmup_steps: int = 16,
-                   lambda_flops: float = 0.1, lambda_overuse: float = 10.0, use_overuse: bool = True,
-                   overuse: str = "share_weighted", overuse_on: str = "both", reg_warmup_steps: int = 120, seed: int = 0,
-                   save_every: int = 80, num_workers: int = 1, model_overrides: dict | None = None,
-                   progress: bool = True, model=None, resume: str = "auto", overuse_min_share: float = 0.5,
-                   cache_frozen: bool = True):
-    """Train on the world's training shards with the main job's recipe; returns `lexvla.train.TrainResult`.
+RECIPE_ARGS: dict[str, tuple[str, ...]] = {   # recipe_config's short names -> the TrainConfig fields each one sets
+    "config": ("model",), "model_overrides": ("model_overrides",), "max_steps": ("max_steps",),
+    "batch_size": ("data.batch_size",), "num_workers": ("data.num_workers",),
+    "lr": ("lr_adapter", "lr_codebook", "lr_vit", "lr_logit_scale"), "lr_lora": ("lr_lora",),
+    "warmup_steps": ("warmup_steps",), "reg_warmup_steps": ("loss.warmup_steps",),
+    "lambda_flops": ("loss.lambda_flops",), "lambda_overuse": ("loss.lambda_overuse",),
+    "use_overuse": ("loss.use_overuse",), "overuse": ("loss.overuse",), "overuse_on": ("loss.overuse_on",),
+    "overuse_min_share": ("loss.overuse_min_share",), "seed": ("seed", "data.seed"), "save_every": ("save_every",),
+    "progress": ("progress",), "resume": ("resume",), "cache_frozen": ("cache_frozen",)}
 
-    `model`: an already built model of the same config (saves building it again), as `lexvla.train.train` takes it.
-    `resume`: `TrainConfig.resume` ("auto" continues a run of the same settings in `out_dir`, "fresh" starts over).
-    `overuse_min_share`: `LossConfig.overuse_min_share` (used by the `overused_only` penalty only).
-    `cache_frozen`: `TrainConfig.cache_frozen` (exact; the frozen backbone and lower LM layers run once per sample)."""
-    from lexvla.data import DataConfig
-    from lexvla.losses import LossConfig
-    from lexvla.train import TrainConfig, train
-    tcfg = TrainConfig(
-        data=DataConfig(urls=str(Path(world_root) / "train"), batch_size=batch_size, num_workers=num_workers,
-                        seed=seed, shuffle_buffer=1000),
-        model=config, model_overrides=model_overrides, max_steps=max_steps, lr_lora=lr_lora, lr_adapter=lr,
-        lr_codebook=lr, lr_vit=lr, lr_logit_scale=lr, warmup_steps=warmup_steps,
-        mixed_precision="auto", log_every=10, save_every=save_every, keep_checkpoints=2, out_dir=str(out_dir),
-        seed=seed, progress=progress, resume=resume, cache_frozen=cache_frozen,
-        loss=LossConfig(lambda_flops=lambda_flops, lambda_overuse=lambda_overuse, use_overuse=use_overuse,
-                        overuse=overuse, overuse_on=overuse_on, overuse_min_share=overuse_min_share,
-                        warmup_steps=reg_warmup_steps))
-    return train(tcfg, model=model)
+def recipe_file(recipe: str | Path) -> Path:
+    "A training-recipe file: a `.yaml`/`.json` path, or the name of one shipped in `lexvla/configs/` (e.g. 'main_job')."
+    if Path(recipe).suffix in (".yaml", ".yml", ".json"): return Path(recipe)
+    f = Path(str(importlib.resources.files("lexvla") / "configs" / f"{recipe}.yaml"))
+    if not f.is_file(): raise FileNotFoundError(f"no training recipe {recipe!r}: {f} does not exist; pass a .yaml path")
+    return f
+
+def recipe_config(world_root: str | Path, out_dir: str | Path, recipe: str | Path = "main_job", **kw: Any):
+    """The `TrainConfig` of `recipe` trained on the world's training shards into `out_dir`.
+
+    Keyword arguments replace fields by the short names of `RECIPE_ARGS` (e.g. `lr=2e-3` sets all four non-LoRA
+    learning rates); `None` keeps the recipe's value."""
+    from lexvla.train import TrainConfig
+    unknown = sorted(set(kw) - set(RECIPE_ARGS))
+    if unknown: raise TypeError(f"recipe_config: unknown argument(s) {unknown}; choose from {sorted(RECIPE_ARGS)}")
+    sets = [f"data.urls={json.dumps(str(Path(world_root) / 'train'))}", f"out_dir={json.dumps(str(out_dir))}"]
+    sets += [f"{field}={json.dumps(v)}" for k, v in kw.items() if v is not None for field in RECIPE_ARGS[k]]
+    return TrainConfig.from_file(recipe_file(recipe), sets)   # JSON values are YAML; errors name the file and field
+
+def train_on_world(world_root: str | Path, out_dir: str | Path, recipe: str | Path = "main_job", model=None, **kw: Any):
+    """Train `recipe` (default: the main job's) on the world's training shards; returns `lexvla.train.TrainResult`.
+
+    `kw`: fields to replace, by `RECIPE_ARGS` short names (`recipe_config`). `model`: an already built model of the
+    same config (saves building it again), as `lexvla.train.train` takes it."""
+    from lexvla.train import train
+    return train(recipe_config(world_root, out_dir, recipe, **kw), model=model)
+
 
 # %% ../nbs/15_experiments.ipynb #3673d32b
 def is_checkpoint(path: str | Path) -> bool:
