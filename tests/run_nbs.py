@@ -5,14 +5,17 @@
 Each notebook runs in a fresh Jupyter kernel with nbs/ as its working directory, as a reader's "Restart kernel and
 run all" would, except that cells nbdev_test skips (`#| eval: false`, settings.ini's tst_flags such as `#| slow`)
 are skipped here too. Progress bars and library chatter are switched off (ENV) so that they do not land in the
-outputs. The notebook is then written in the committed form of tests/check_repo.py (metadata stripped, outputs and
-execution counts kept); a notebook whose run fails is left untouched and named at the end.
+outputs, and this machine's paths in outputs are replaced (`scrub`). The notebook is then written in the committed
+form of tests/check_repo.py (metadata stripped, outputs and execution counts kept); a notebook whose run fails is
+left untouched and named at the end.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +30,32 @@ ENV = {
     "TRANSFORMERS_VERBOSITY": "error",       # no "Some weights were not initialized ..." advisories
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",       # no fork warning from the Rust tokenizers
-    "PYTHONWARNINGS": "ignore:IProgress not found",  # tqdm.auto without ipywidgets (a warning naming a venv path)
+    # warnings that say nothing about the notebook: tqdm.auto without ipywidgets, deprecations inside transformers
+    # and torch's "beta" notice (a -W filter matches the start of the message; no commas inside one)
+    "PYTHONWARNINGS": ",".join(["ignore:IProgress not found", "ignore:`past_key_values` is deprecated:FutureWarning",
+                                "ignore:`gradient_checkpointing_:FutureWarning",
+                                "ignore:Sparse CSR tensor support is in beta:UserWarning"]),
     "PYTHONHASHSEED": "0",                   # set iteration order, so that a re-run prints the same
 }
+
+
+_SCRUB = [(re.compile(re.escape(str(ROOT))), "<repo>"),  # this checkout, e.g. in a warning's file name
+          (re.compile(re.escape(tempfile.gettempdir()) + r"/(?:tmp|ipykernel_)[\w.-]+"), "<tmp>")]  # random names
+
+
+def scrub(text: str) -> str:
+    "`text` with this checkout's path as <repo> and temporary folders as <tmp>: the same on every machine and run."
+    for pattern, repl in _SCRUB: text = pattern.sub(repl, text)
+    return text
+
+
+def _scrub_outputs(nb: dict) -> None:
+    lines = lambda v: scrub(v) if isinstance(v, str) else [scrub(s) for s in v]
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            if "text" in o: o["text"] = lines(o["text"])
+            for k, v in o.get("data", {}).items():
+                if k.startswith("text/"): o["data"][k] = lines(v)
 
 
 def run_notebook(path: Path) -> None:
@@ -47,7 +73,9 @@ def run_notebook(path: Path) -> None:
                 continue
             client.execute_cell(cell, i)
     # nbformat.writes splits sources and outputs into lines, as every committed notebook has them
-    path.write_text(nb_text(normalise(json.loads(nbformat.writes(nb)), library=True)), encoding="utf-8")
+    saved = json.loads(nbformat.writes(nb))
+    _scrub_outputs(saved)
+    path.write_text(nb_text(normalise(saved, library=True)), encoding="utf-8")
 
 
 def main(names: list[str]) -> int:
