@@ -197,6 +197,7 @@ class CorruptCounter:
     def add(self, good: int = 0, skipped: Iterable[Skipped] = ()) -> None:
         self.good += good
         for s in skipped:
+            if s.reason not in REASONS: raise ValueError(f"unknown skip reason {s.reason!r}; the reasons are {REASONS}")
             self.counts[s.reason] = self.counts.get(s.reason, 0) + s.n
             self.by_shard[s.url] += s.n
             self.last[s.reason] = s

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -71,90 +72,105 @@ class LexVLA(nn.Module):
         if not images: raise ValueError("images is empty: encode_image needs at least one image")
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
-    def _grad(self):
-        "Autograd only while training: in eval mode the encoders build no graph (their outputs do not require grad)."
-        return contextlib.nullcontext() if self.training else torch.no_grad()
-
-    def _sparse(self, v: Tensor, sparse: str | int | None) -> Tensor:
-        "`make_sparse`, which only lexical vectors have: a dense model refuses any `sparse` but None."
-        if sparse is not None and self.head == "dense":
-            raise ValueError(f"sparse={sparse!r} keeps or drops words of lexical vectors, but this model's head is 'dense' "
-                             "(LexVLAConfig.head): its embeddings have no words. Pass sparse=None.")
-        return make_sparse(v, sparse)
-
-    def encode_image(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
-        """Image lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default (every word has a weight);
-        `sparse="threshold"` keeps the paper's sparse form (the entries ≥ 1/√V), `sparse=k` the k largest entries
-        (kept weights unchanged, zeros elsewhere; `lexvla.sparse`). Dense head: unit-norm [B, d] embeddings, `sparse` an error."""
-        with self._grad(): return self._sparse(self.vision(self.pixels(images)), sparse)
-
-    def encode_patches(self, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
-        """Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as
-        there. Dense head: patch embeddings [B, N, d], not normalised (normalize(mean over N) = encode_image)."""
-        with self._grad(): return self._sparse(self.vision.patches(self.pixels(images)), sparse)
-
-    def encode_text(self, texts: Sequence[str], sparse: str | int | None = None) -> Tensor:
-        """Text lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default; `sparse="threshold"` gives the
-        paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries. Dense head: unit-norm [B, d] embeddings."""
-        with self._grad(): return self._sparse(self.text(check_texts(texts)), sparse)
-
     def forward(self, images: Tensor | Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Tensor]:
         "Dense image and text vectors and the temperature, for the loss; builds the autograd graph in any mode."
         return {"image": self.vision(self.pixels(images)), "text": self.text(check_texts(texts)), "logit_scale": self.logit_scale}
 
-    def cache_frozen(self, on: bool = True) -> list[str]:
-        """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
-        LM's hidden states below its lowest LoRA layer (`04_text`). Exact; pays when samples repeat. Returns the
-        towers cached, empty when nothing is frozen (the backbone trains and the LM has LoRA in layer 0)."""
-        done = []
-        if self.cfg.vision.freeze_backbone: self.vision.cache_tokens(on); done.append("vision")
-        if self.text.lm is not None and self.text.first_trained_layer > 0 and self.text.use_prefix_cache():
-            self.text.cache_states(on); done.append("text")
-        return done
+# %% ../nbs/07_model.ipynb #d8f46996
+@patch
+def _grad(self: LexVLA):
+    "Autograd only while training: in eval mode the encoders build no graph (their outputs do not require grad)."
+    return contextlib.nullcontext() if self.training else torch.no_grad()
 
-    def top_words(self, vec: Tensor, k: int = 10) -> list[tuple[str, float]]:
-        "The k highest-weighted words of one lexical vector [V], as (word, weight)."
-        if self.head == "dense": raise ValueError("top_words reads lexical vectors; a dense model's embeddings have no words")
-        if vec.ndim != 1 or vec.shape[0] != len(self.vocab):
-            raise ValueError(f"top_words takes one vector of shape [{len(self.vocab)}], got {tuple(vec.shape)}")
-        vals, idx = vec.detach().float().topk(min(k, vec.shape[0]))
-        return [(self.vocab.words[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+@patch
+def _sparse(self: LexVLA, v: Tensor, sparse: str | int | None) -> Tensor:
+    "`make_sparse`, which only lexical vectors have: a dense model refuses any `sparse` but None."
+    if sparse is not None and self.head == "dense":
+        raise ValueError(f"sparse={sparse!r} keeps or drops words of lexical vectors, but this model's head is 'dense' "
+                         "(LexVLAConfig.head): its embeddings have no words. Pass sparse=None.")
+    return make_sparse(v, sparse)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by part, for separate learning rates: lora, adapter, codebook, vit, logit_scale.
-        The dense head's projections (`vision.proj`, `text.proj`) train with the adapter."""
-        groups: dict[str, list[nn.Parameter]] = {"lora": [], "adapter": [], "codebook": [], "vit": [], "logit_scale": []}
-        for name, p in self.named_parameters():
-            if not p.requires_grad: continue
-            if name == "logit_scale": groups["logit_scale"].append(p)
-            elif name.startswith("vision.codebook"): groups["codebook"].append(p)
-            elif name.startswith(("vision.adapter", "vision.proj.", "text.proj.")): groups["adapter"].append(p)
-            elif name.startswith("vision.backbone"): groups["vit"].append(p)
-            elif "lora_" in name: groups["lora"].append(p)
-            else: raise RuntimeError(f"trainable parameter {name} belongs to no group")
-        return {k: v for k, v in groups.items() if v}
+@patch
+def encode_image(self: LexVLA, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+    """Image lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default (every word has a weight);
+    `sparse="threshold"` keeps the paper's sparse form (the entries ≥ 1/√V), `sparse=k` the k largest entries
+    (kept weights unchanged, zeros elsewhere; `lexvla.sparse`). Dense head: unit-norm [B, d] embeddings, `sparse` an error."""
+    with self._grad(): return self._sparse(self.vision(self.pixels(images)), sparse)
 
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        "The weights a checkpoint must hold: every parameter that requires grad."
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {n: t for n, t in self.state_dict(keep_vars=True).items() if n in names}
+@patch
+def encode_patches(self: LexVLA, images: Tensor | Sequence[Image.Image], sparse: str | int | None = None) -> Tensor:
+    """Patch lexical activations [B, N, V]: dense, not normalised (normalize(max over N) = encode_image); `sparse` as
+    there. Dense head: patch embeddings [B, N, d], not normalised (normalize(mean over N) = encode_image)."""
+    with self._grad(): return self._sparse(self.vision.patches(self.pixels(images)), sparse)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        "Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`."
-        d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
-        atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
-        atomic_write(d / "config.json", self.cfg.to_json())
-        return d
+@patch
+def encode_text(self: LexVLA, texts: Sequence[str], sparse: str | int | None = None) -> Tensor:
+    """Text lexical vectors [B, V]: non-negative, unit L2 norm. **Dense** by default; `sparse="threshold"` gives the
+    paper's sparse form (entries ≥ 1/√V), `sparse=k` the k largest entries. Dense head: unit-norm [B, d] embeddings."""
+    with self._grad(): return self._sparse(self.text(check_texts(texts)), sparse)
 
-    def load_trainable(self, tensors: dict[str, Tensor]) -> None:
-        "Load trainable weights; the names must match exactly."
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.load_state_dict(tensors, strict=False)
+# %% ../nbs/07_model.ipynb #41193a57
+@patch
+def cache_frozen(self: LexVLA, on: bool = True) -> list[str]:
+    """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
+    LM's hidden states below its lowest LoRA layer (`04_text`). Exact; pays when samples repeat. Returns the
+    towers cached, empty when nothing is frozen (the backbone trains and the LM has LoRA in layer 0)."""
+    done = []
+    if self.cfg.vision.freeze_backbone: self.vision.cache_tokens(on); done.append("vision")
+    if self.text.lm is not None and self.text.first_trained_layer > 0 and self.text.use_prefix_cache():
+        self.text.cache_states(on); done.append("text")
+    return done
+
+# %% ../nbs/07_model.ipynb #0dafcdae
+@patch
+def top_words(self: LexVLA, vec: Tensor, k: int = 10) -> list[tuple[str, float]]:
+    "The k highest-weighted words of one lexical vector [V], as (word, weight)."
+    if self.head == "dense": raise ValueError("top_words reads lexical vectors; a dense model's embeddings have no words")
+    if vec.ndim != 1 or vec.shape[0] != len(self.vocab):
+        raise ValueError(f"top_words takes one vector of shape [{len(self.vocab)}], got {tuple(vec.shape)}")
+    vals, idx = vec.detach().float().topk(min(k, vec.shape[0]))
+    return [(self.vocab.words[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+
+# %% ../nbs/07_model.ipynb #082dc1cb
+@patch
+def param_groups(self: LexVLA) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters by part, for separate learning rates: lora, adapter, codebook, vit, logit_scale.
+    The dense head's projections (`vision.proj`, `text.proj`) train with the adapter."""
+    groups: dict[str, list[nn.Parameter]] = {"lora": [], "adapter": [], "codebook": [], "vit": [], "logit_scale": []}
+    for name, p in self.named_parameters():
+        if not p.requires_grad: continue
+        if name == "logit_scale": groups["logit_scale"].append(p)
+        elif name.startswith("vision.codebook"): groups["codebook"].append(p)
+        elif name.startswith(("vision.adapter", "vision.proj.", "text.proj.")): groups["adapter"].append(p)
+        elif name.startswith("vision.backbone"): groups["vit"].append(p)
+        elif "lora_" in name: groups["lora"].append(p)
+        else: raise RuntimeError(f"trainable parameter {name} belongs to no group")
+    return {k: v for k, v in groups.items() if v}
+
+@patch
+def trainable_state_dict(self: LexVLA) -> dict[str, Tensor]:
+    "The weights a checkpoint must hold: every parameter that requires grad."
+    names = {n for n, p in self.named_parameters() if p.requires_grad}
+    return {n: t for n, t in self.state_dict(keep_vars=True).items() if n in names}
+
+@patch
+def save_pretrained(self: LexVLA, directory: str | os.PathLike) -> Path:
+    "Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`."
+    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
+    atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
+    atomic_write(d / "config.json", self.cfg.to_json())
+    return d
+
+@patch
+def load_trainable(self: LexVLA, tensors: dict[str, Tensor]) -> None:
+    "Load trainable weights; the names must match exactly."
+    expected = set(self.trainable_state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    self.load_state_dict(tensors, strict=False)
 
 # %% ../nbs/07_model.ipynb #9a3b5c01
 CHECKPOINT_FILES = ("config.json", "vocab.json", "model.safetensors")

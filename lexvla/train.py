@@ -45,8 +45,10 @@ __all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'RESULT_NEU
            'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
            'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'save_checkpoint', 'load_checkpoint',
            'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
-           'resolve_mixed_precision', 'train', 'main', 'prepare_run', 'check_processes', 'LaunchError',
-           'launch_command', 'run_launched', 'launch_training']
+           'resolve_mixed_precision', 'TrainCallback', 'TrainRun', 'make_accelerator', 'find_resume', 'prepare_model',
+           'start_data', 'init_run', 'optimizer_step', 'log_metrics', 'run_eval', 'checkpoint_state',
+           'save_run_checkpoint', 'finish_run', 'train', 'load_callback', 'main', 'prepare_run', 'check_processes',
+           'LaunchError', 'launch_command', 'run_launched', 'launch_training']
 
 # %% ../nbs/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -232,17 +234,14 @@ def _prune(ckdir: Path, keep: int) -> None:
     for _, p in list_checkpoints(ckdir.parent)[:-keep]: shutil.rmtree(p)
 
 # %% ../nbs/13_train.ipynb #92dae7fa
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name, "").strip()
-    return int(v) if v else None
-
 def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Path, step: int, state: dict,
-                    keep: int = 3) -> Path:
-    "Write checkpoint `step` atomically (all ranks call this); returns the folder."
+                    keep: int = 3, before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically (all ranks call this); returns the folder. `before_commit(tmp_folder)` runs
+    on every rank when the files are written, before `state.json` and the rename."""
     ckdir = Path(out_dir) / "checkpoints"
     name = checkpoint_name(step)
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
@@ -269,8 +268,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None: torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        if _env_int("LEXVLA_TEST_KILL_IN_CHECKPOINT") == step: os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    accelerator.wait_for_everyone()   # every rank's files are in tmp
+    if before_commit is not None: before_commit(tmp)
+    if main: (tmp / "state.json").write_text(json.dumps(state, indent=1))   # the mark of a complete checkpoint
     accelerator.wait_for_everyone()
     if main:
         for f in tmp.rglob("*"):
@@ -432,37 +432,72 @@ def _check_finite(accelerator, value: Tensor, what: str, step: int, terms: dict 
     raise FloatingPointError(f"non-finite {what}{f' {local}' if here else ''} at step {step}"
                              + ("" if here else " on another rank") + (f" ({detail})" if detail else ""))
 
-# %% ../nbs/13_train.ipynb #ead2ae07
-def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None, model: LexVLA | None = None,
-          loss_fn: LossFn | None = None, stop_at: int | None = None) -> TrainResult:
-    """Train (or continue training) a LexVLA model as `cfg` says; see the notebook 13_train for the recipe.
+# %% ../nbs/13_train.ipynb #d828ca8c
+class TrainCallback:
+    "Hooks into `train`: subclass and override the ones you need; each runs on every process, in the given order."
+    def after_step(self, run: TrainRun) -> None:
+        "After each optimizer step, once its logging, evaluation and checkpoint are done."
+    def before_checkpoint_commit(self, run: TrainRun, folder: Path) -> None:
+        "A checkpoint's files are in the temporary `folder`; `state.json` and the rename into place come next."
 
-    `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
-    model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces the objective of the model's head (`lexical_loss`,
-    or `dense_loss` for the dense baseline: `lexvla.losses.loss_for_head`); `stop_at` pauses the
-    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`).
-    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
-    main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
-    with locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
-        return _train(cfg, eval_fn, model, loss_fn, stop_at)
+@dataclass
+class TrainRun:
+    "The state of one running `train` call, moved on by `optimizer_step`, `log_metrics`, `run_eval`, `save_run_checkpoint`."
+    cfg: TrainConfig
+    acc: Any                                # the accelerate `Accelerator`
+    model: Any                              # the prepared (possibly DDP-wrapped) model; `unwrapped` is the LexVLA
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]        # the trainable parameters (gradient clipping)
+    group_names: list[str]                  # the optimizer's parameter groups, for the learning-rate logs
+    loss_fn: LossFn
+    loader: PairLoader
+    cursor: DataCursor
+    data_seed: int
+    step: int                               # optimizer steps done in total
+    end: int                                # the step this call stops at: max_steps, or stop_at
+    history: list[dict]
+    samples: int                            # image-text pairs seen in total, all ranks
+    resumed_from: Path | None = None
+    eval_fn: Callable[[LexVLA, int], dict] | None = None
+    callbacks: Sequence[TrainCallback] = ()
+    bar: Any = None                         # the tqdm progress bar
+    last_checkpoint: Path | None = None
+    grad_norm: Any = None                   # of the last optimizer step
+    start_step: int = 0                     # where this call started, for its throughput
+    start_samples: int = 0
+    train_time: float = 0.0                 # seconds in optimizer steps in this call
+    window: list = field(default_factory=lambda: [0.0, 0, 0])   # seconds, steps, samples since the last log
 
-def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
+    @property
+    def main(self) -> bool: return self.acc.is_main_process
+    @property
+    def world(self) -> int: return self.acc.num_processes
+    @property
+    def unwrapped(self) -> LexVLA: return self.acc.unwrap_model(self.model)
+
+# %% ../nbs/13_train.ipynb #2658c335
+def make_accelerator(cfg: TrainConfig):
+    "The `Accelerator` of this process: precision, gradient accumulation, TensorBoard under `out_dir`, gloo DDP on CPUs."
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(); GradientState._reset_state()   # allow several runs (other precisions) in one process
     mp = resolve_mixed_precision(cfg.mixed_precision)
     if cfg.frozen_dtype != "float32" and mp == "no":
         raise ValueError(f"TrainConfig.frozen_dtype={cfg.frozen_dtype!r} needs mixed precision, but mixed_precision resolves to 'no'")
-    out_dir = Path(cfg.out_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                      log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out_dir),
+                      log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(cfg.out_dir),
                       step_scheduler_with_optimizer=False,
                       cpu=launched > 1 and not torch.cuda.is_available())   # several CPU processes (torchrun): gloo DDP
     if acc.num_processes != launched:
         raise RuntimeError(f"WORLD_SIZE={launched} but accelerate runs {acc.num_processes} process(es) ({acc.distributed_type})")
-    if eval_fn is not None and _is_fsdp(acc): raise ValueError("eval_fn is not supported with FSDP (the model is sharded)")
-    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    return acc
+
+def find_resume(cfg: TrainConfig, acc, model: LexVLA | None = None) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run continues and its state.json, or (None, None); checked against `cfg` (and `model`'s
+    config, if given). `resume='fresh'` moves an earlier run aside first."""
+    out_dir, main = Path(cfg.out_dir), acc.is_main_process
     if main: out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_resume(cfg)
     if ckpt: check_resumable(ckpt, cfg, model.cfg if model is not None else model_config(cfg))
@@ -472,123 +507,134 @@ def _train(cfg: TrainConfig, eval_fn, model, loss_fn, stop_at) -> TrainResult:
     if state and main:
         print(f"resuming from step {state['step']} of {cfg.max_steps} (checkpoint {ckpt})"
               + ("; nothing left to train" if state["step"] >= cfg.max_steps else ""))
-    if state and cfg.resume_data == "replay" and state["world_size"] != world:
-        raise ValueError(f"{ckpt} was written by {state['world_size']} processes, this run has {world}: exact data replay "
-                         "needs the same number; use resume_data='reseed'")
+    if state and cfg.resume_data == "replay" and state["world_size"] != acc.num_processes:
+        raise ValueError(f"{ckpt} was written by {state['world_size']} processes, this run has {acc.num_processes}: exact "
+                         "data replay needs the same number; use resume_data='reseed'")
+    return ckpt, state
 
+def prepare_model(cfg: TrainConfig, acc, model: LexVLA | None, ckpt: Path | None) -> LexVLA:
+    """The model to train, in train mode: `model` or the one `cfg` names, trainable weights in fp32, the checkpoint's
+    trainable weights loaded, and the frozen parts cached if `cfg.cache_frozen`."""
     model = model if model is not None else _build_model(cfg, ckpt)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
     if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
     if cfg.cache_frozen:
         towers = model.cache_frozen()
-        if main: print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample" if towers
-                       else "cache_frozen: nothing is frozen (the backbone trains, LoRA reaches layer 0): no cache")
-    model.train()
-    mcfg = model.cfg
-    loss_fn = loss_fn if loss_fn is not None else loss_for_head(mcfg.head)
-    lexical = mcfg.head == "lexical"   # active words are logged for word vectors only
-    optimizer = make_optimizer(model, cfg)
-    group_names = [g["name"] for g in optimizer.param_groups]
-    scheduler = make_scheduler(optimizer, cfg)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if ckpt: state = load_checkpoint(acc, model, optimizer, scheduler, ckpt)
-    if cfg.tracker == "tensorboard": acc.init_trackers("tensorboard", config=_hparams(cfg.to_dict()))
+        if acc.is_main_process:
+            print(f"caching what the frozen parts of the {' and '.join(towers)} tower(s) compute per sample" if towers
+                  else "cache_frozen: nothing is frozen (the backbone trains, LoRA reaches layer 0): no cache")
+    return model.train()
 
-    step = state["step"] if state else 0
-    history: list[dict] = list(state["history"]) if state else []
+# %% ../nbs/13_train.ipynb #31b8faed
+def start_data(cfg: TrainConfig, acc, mcfg: LexVLAConfig, state: dict | None, ckpt: Path | None
+               ) -> tuple[PairLoader, DataCursor, int]:
+    """This rank's loader and cursor at the run's data position, and the data seed; then the random generators: the
+    checkpoint's, or freshly seeded."""
+    rank, world, step = acc.process_index, acc.num_processes, state["step"] if state else 0
     data_seed, pos = cfg.data.seed, {"epoch": 0, "batches": 0}
     if state and cfg.resume_data == "replay": data_seed, pos = state["data"]["seed"], state["data"]["position"]
     elif state: data_seed = reseeded(state["data"]["seed"], step)
     loader = PairLoader(replace(cfg.data, seed=data_seed), image_transform(mcfg), rank=rank, world_size=world)
     seed_everything(cfg.seed + rank)
-    cursor = DataCursor(loader, pos["epoch"], pos["batches"], progress=cfg.progress and main)
-    if ckpt and (ckpt / f"rng_{rank}.pt").exists():
-        set_rng_state(_torch_load(ckpt / f"rng_{rank}.pt"))
+    cursor = DataCursor(loader, pos["epoch"], pos["batches"], progress=cfg.progress and acc.is_main_process)
+    if ckpt and (ckpt / f"rng_{rank}.pt").exists(): set_rng_state(_torch_load(ckpt / f"rng_{rank}.pt"))
     elif ckpt: seed_everything(cfg.seed + rank + step)
+    return loader, cursor, data_seed
 
-    def ckpt_state() -> dict:
-        return {"step": step, "data": {"seed": data_seed, "position": cursor.position()}, "world_size": world,
-                "samples_seen": samples, "history": history, "train_config": cfg.to_dict(), "time": time.time()}
+def init_run(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None, model: LexVLA | None = None,
+             loss_fn: LossFn | None = None, stop_at: int | None = None, callbacks: Sequence[TrainCallback] = ()) -> TrainRun:
+    "Everything a run needs, new or resumed, ready for its first `optimizer_step` (arguments as `train`'s)."
+    callbacks = list(callbacks)
+    if bad := [c for c in callbacks if not isinstance(c, TrainCallback)]:
+        raise TypeError(f"callbacks must be TrainCallback instances, got {bad[0]!r}")
+    acc = make_accelerator(cfg)
+    if eval_fn is not None and _is_fsdp(acc): raise ValueError("eval_fn is not supported with FSDP (the model is sharded)")
+    ckpt, state = find_resume(cfg, acc, model)
+    model = prepare_model(cfg, acc, model, ckpt)
+    mcfg = model.cfg
+    optimizer = make_optimizer(model, cfg)
+    group_names = [g["name"] for g in optimizer.param_groups]
+    scheduler = make_scheduler(optimizer, cfg)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if ckpt: state = load_checkpoint(acc, model, optimizer, scheduler, ckpt)
+    if cfg.tracker == "tensorboard": acc.init_trackers("tensorboard", config=_hparams(cfg.to_dict()))
+    loader, cursor, data_seed = start_data(cfg, acc, mcfg, state, ckpt)
+    step, samples = (state["step"], state["samples_seen"]) if state else (0, 0)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (cfg.progress and acc.is_main_process),
+               mininterval=1, dynamic_ncols=True)
+    return TrainRun(cfg, acc, model, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad],
+                    group_names, loss_fn if loss_fn is not None else loss_for_head(mcfg.head), loader, cursor, data_seed,
+                    step, cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps),
+                    list(state["history"]) if state else [], samples, ckpt, eval_fn, callbacks, bar, last_checkpoint=ckpt,
+                    start_step=step, start_samples=samples)
 
-    kill_at = _env_int("LEXVLA_TEST_KILL_AT_STEP")
-    samples = state["samples_seen"] if state else 0
-    start_step, start_samples, train_time, last_ckpt = step, samples, 0.0, ckpt
-    end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-    win_t, win_steps, win_samples = 0.0, 0, 0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (cfg.progress and main), mininterval=1,
-               dynamic_ncols=True)
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            micro: list[dict] = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(cursor)
-                with acc.accumulate(model):
-                    out = model(batch["image"].to(acc.device, non_blocking=True), batch["text"])
-                    terms = loss_fn(out, step, cfg.loss)
-                    loss = terms["loss"]
-                    _check_finite(acc, loss, "loss", step + 1, terms)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                        _check_finite(acc, torch.as_tensor(grad_norm), "gradient norm", step + 1)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
-                samples += len(batch["text"]) * world
-            step += 1
-            dt = time.perf_counter() - t0
-            train_time += dt; win_t += dt; win_steps += 1
-            win_samples += len(batch["text"]) * world * cfg.gradient_accumulation_steps
-            bar.update(1)
-            if main and cfg.progress: bar.set_postfix(loss=f"{micro[-1]['loss'].item():.4f}", refresh=False)
+# %% ../nbs/13_train.ipynb #7f37fea6
+def optimizer_step(run: TrainRun) -> tuple[list[dict], dict]:
+    "One optimizer step (forward, loss, backward per micro-batch; clip, step, schedule); the micro-batches' terms and the last output."
+    acc, cfg, model = run.acc, run.cfg, run.model
+    t0 = time.perf_counter()
+    micro: list[dict] = []
+    for _ in range(cfg.gradient_accumulation_steps):
+        batch = next(run.cursor)
+        with acc.accumulate(model):
+            out = model(batch["image"].to(acc.device, non_blocking=True), batch["text"])
+            terms = run.loss_fn(out, run.step, cfg.loss)
+            loss = terms["loss"]
+            _check_finite(acc, loss, "loss", run.step + 1, terms)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                run.grad_norm = acc.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                _check_finite(acc, torch.as_tensor(run.grad_norm), "gradient norm", run.step + 1)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
+        run.samples += len(batch["text"]) * run.world
+    run.step += 1
+    dt = time.perf_counter() - t0
+    run.train_time += dt
+    run.window[0] += dt; run.window[1] += 1
+    run.window[2] += len(batch["text"]) * run.world * cfg.gradient_accumulation_steps
+    run.bar.update(1)
+    if run.main and cfg.progress: run.bar.set_postfix(loss=f"{micro[-1]['loss'].item():.4f}", refresh=False)
+    return micro, out
 
-            if step % cfg.log_every == 0 or step == end:
-                keys = sorted(micro[0])
-                vals = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in keys]).to(acc.device)
-                extra = ["active_words_img", "active_words_txt"] if lexical else []
-                aw = [active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")] if lexical else []
-                vals = torch.cat([vals, *(a.to(acc.device).reshape(1) for a in aw),
-                                  torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
-                if world > 1: vals = acc.reduce(vals, reduction="mean")
-                entry = {"step": step, **dict(zip([*keys, *extra, "grad_norm"], vals.tolist()))}
-                lrs = scheduler.get_last_lr()
-                for n, lr in zip(group_names, lrs): entry.setdefault(f"lr/{n.removesuffix('_no_decay')}", lr)
-                entry["logit_scale"] = float(acc.unwrap_model(model).logit_scale.detach().float())
-                entry.update(steps_per_s=win_steps / win_t, samples_per_s=win_samples / win_t,
-                             data_skipped=loader.counter.skipped, epoch=cursor.epoch)
-                win_t, win_steps, win_samples = 0.0, 0, 0
-                history.append(entry)
-                acc.log({k: v for k, v in entry.items() if k != "step"}, step=step)
+# %% ../nbs/13_train.ipynb #ebd46723
+def log_metrics(run: TrainRun, micro: list[dict], out: dict) -> dict:
+    "Log the step's metrics, averaged over micro-batches and ranks, to the trackers and the history; returns the entry."
+    acc, lexical = run.acc, run.unwrapped.cfg.head == "lexical"   # active words are logged for word vectors only
+    keys = sorted(micro[0])
+    vals = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in keys]).to(acc.device)
+    extra = ["active_words_img", "active_words_txt"] if lexical else []
+    aw = [active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")] if lexical else []
+    vals = torch.cat([vals, *(a.to(acc.device).reshape(1) for a in aw),
+                      torch.as_tensor(run.grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
+    if run.world > 1: vals = acc.reduce(vals, reduction="mean")
+    entry = {"step": run.step, **dict(zip([*keys, *extra, "grad_norm"], vals.tolist()))}
+    for n, lr in zip(run.group_names, run.scheduler.get_last_lr()): entry.setdefault(f"lr/{n.removesuffix('_no_decay')}", lr)
+    entry["logit_scale"] = float(run.unwrapped.logit_scale.detach().float())
+    win_t, win_steps, win_samples = run.window
+    entry.update(steps_per_s=win_steps / win_t, samples_per_s=win_samples / win_t,
+                 data_skipped=run.loader.counter.skipped, epoch=run.cursor.epoch)
+    run.window = [0.0, 0, 0]
+    run.history.append(entry)
+    acc.log({k: v for k, v in entry.items() if k != "step"}, step=run.step)
+    return entry
 
-            if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == end):
-                if main:
-                    m = acc.unwrap_model(model)
-                    m.eval()
-                    with rng_preserved(), torch.no_grad(), acc.autocast(): metrics = dict(eval_fn(m, step))
-                    m.train()
-                    entry = {"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
-                    history.append(entry)
-                    acc.log({k: v for k, v in entry.items() if k != "step"}, step=step)
-                acc.wait_for_everyone()
+def run_eval(run: TrainRun) -> None:
+    "`run.eval_fn(model, step)` on the main process (eval mode, no grad, autocast, random state preserved), logged as eval/..."
+    if run.main:
+        m = run.unwrapped
+        m.eval()
+        with rng_preserved(), torch.no_grad(), run.acc.autocast(): metrics = dict(run.eval_fn(m, run.step))
+        m.train()
+        entry = {"step": run.step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+        run.history.append(entry)
+        run.acc.log({k: v for k, v in entry.items() if k != "step"}, step=run.step)
+    run.acc.wait_for_everyone()
 
-            if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                history = _broadcast_history(acc, history)
-                last_ckpt = save_checkpoint(acc, model, optimizer, scheduler, out_dir, step, ckpt_state(), cfg.keep_checkpoints)
-            if kill_at == step: os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        bar.close()
-        for t in acc.trackers: t.finish()
-    if main: atomic_write(out_dir / "history.json", json.dumps(history, indent=1))
-    final = acc.unwrap_model(model)
-    final.eval()
-    done = step - start_step
-    return TrainResult(final, history, out_dir, last_ckpt, step, done / train_time if train_time else 0.0,
-                       (samples - start_samples) / train_time if train_time else 0.0, ckpt, cfg)
-
+# %% ../nbs/13_train.ipynb #b6524f39
 def _broadcast_history(acc, history: list[dict]) -> list[dict]:
     "Eval entries exist only on the main process: share them so every rank writes the same state."
     if acc.num_processes == 1: return history
@@ -597,21 +643,90 @@ def _broadcast_history(acc, history: list[dict]) -> list[dict]:
     broadcast_object_list(box, from_process=0)
     return box[0]
 
+def checkpoint_state(run: TrainRun) -> dict:
+    "The state.json of a checkpoint at the run's current step."
+    return {"step": run.step, "data": {"seed": run.data_seed, "position": run.cursor.position()}, "world_size": run.world,
+            "samples_seen": run.samples, "history": run.history, "train_config": run.cfg.to_dict(), "time": time.time()}
+
+def save_run_checkpoint(run: TrainRun) -> Path:
+    "Checkpoint the run at its current step (all ranks call this), calling the callbacks before the commit; the folder."
+    run.history = _broadcast_history(run.acc, run.history)
+    def before_commit(folder: Path) -> None:
+        for cb in run.callbacks: cb.before_checkpoint_commit(run, folder)
+    run.last_checkpoint = save_checkpoint(run.acc, run.model, run.optimizer, run.scheduler, run.cfg.out_dir, run.step,
+                                          checkpoint_state(run), run.cfg.keep_checkpoints, before_commit)
+    return run.last_checkpoint
+
+def finish_run(run: TrainRun) -> TrainResult:
+    "Write history.json (main process) and return the `TrainResult`, with the model unwrapped and in eval mode."
+    out_dir = Path(run.cfg.out_dir)
+    if run.main: atomic_write(out_dir / "history.json", json.dumps(run.history, indent=1))
+    final = run.unwrapped
+    final.eval()
+    t, done = run.train_time, run.step - run.start_step
+    return TrainResult(final, run.history, out_dir, run.last_checkpoint, run.step, done / t if t else 0.0,
+                       (run.samples - run.start_samples) / t if t else 0.0, run.resumed_from, run.cfg)
+
+# %% ../nbs/13_train.ipynb #ead2ae07
+def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None, model: LexVLA | None = None,
+          loss_fn: LossFn | None = None, stop_at: int | None = None, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+    """Train (or continue training) a LexVLA model as `cfg` says; see the notebook 13_train for the recipe.
+
+    `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
+    model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces the objective of the model's head (`lexical_loss`,
+    or `dense_loss` for the dense baseline: `lexvla.losses.loss_for_head`); `stop_at` pauses the
+    run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`); `callbacks`
+    (`TrainCallback`s) run after each step and before each checkpoint is committed.
+    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
+    main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
+    with locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
+        run = init_run(cfg, eval_fn, model, loss_fn, stop_at, callbacks)
+        try:
+            while run.step < run.end:
+                micro, out = optimizer_step(run)
+                last = run.step == run.end
+                if run.step % cfg.log_every == 0 or last: log_metrics(run, micro, out)
+                if eval_fn is not None and cfg.eval_every and (run.step % cfg.eval_every == 0 or last): run_eval(run)
+                if (cfg.save_every and run.step % cfg.save_every == 0) or last: save_run_checkpoint(run)
+                for cb in run.callbacks: cb.after_step(run)
+        finally:
+            run.bar.close()
+            for t in run.acc.trackers: t.finish()
+        return finish_run(run)
+
+# %% ../nbs/13_train.ipynb #e32933d0
+def load_callback(spec: str) -> TrainCallback:
+    "The callback 'package.module:name' names: a TrainCallback instance, or a class/function called without arguments."
+    import importlib
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"callback {spec!r} must look like 'package.module:name'")
+    obj: Any = importlib.import_module(mod)
+    for part in name.split("."):
+        if not hasattr(obj, part): raise AttributeError(f"callback {spec!r}: {mod} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, TrainCallback) and callable(obj): obj = obj()
+    if not isinstance(obj, TrainCallback):
+        raise TypeError(f"callback {spec!r} gives {obj!r} ({type(obj).__name__}), not a TrainCallback (or a factory of one)")
+    return obj
+
 # %% ../nbs/13_train.ipynb #63954a6b
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:
-    "Command line: python -m lexvla.train --config cfg.yaml [--set key=value ...] [--print-config]."
+    "Command line: python -m lexvla.train --config cfg.yaml [--set key=value ...] [--callback module:name ...] [--print-config]."
     p = argparse.ArgumentParser(prog="python -m lexvla.train",
                                 description="Train LexVLA (one stage; DDP/FSDP through `accelerate launch -m lexvla.train`).")
     p.add_argument("--config", required=True, help="TrainConfig file (.yaml/.yml/.json), e.g. lexvla/configs/paper_cc12m.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, dotted for nested ones, value as YAML (repeatable): --set data.batch_size=64")
+    p.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
+                   help="a TrainCallback to run, by import path (repeatable): --callback my_hooks:notes")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     args = p.parse_args(argv)
     cfg = TrainConfig.from_file(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return None
-    res = train(cfg)
+    res = train(cfg, callbacks=[load_callback(c) for c in args.callbacks])
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(f"done: step {res.step}, {res.steps_per_s:.3f} steps/s, {res.samples_per_s:.1f} pairs/s; "
@@ -687,7 +802,7 @@ def _last_traceback(lines: Sequence[str], n: int = 12) -> str:
 def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str] | None = None,
                  progress_every: float = 60.0, keep: int = 200) -> None:
     """Run a `launch_command`, printing its output as it comes; `LaunchError` with the failing rank's own error if
-    any process fails. `env` adds environment variables (the test hooks, for example)."""
+    any process fails. `env` adds environment variables (a PYTHONPATH for callbacks, for example)."""
     import collections, subprocess
     import lexvla
     pkg_root = str(Path(lexvla.__file__).resolve().parents[1])   # the processes import this same lexvla
@@ -732,10 +847,13 @@ def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str]
                       rank, rcode)
 
 def launch_training(config_file: str | Path, num_processes: int = 1, mixed_precision: str = "no",
-                    env: dict[str, str] | None = None, progress_every: float = 60.0) -> None:
-    "Train the TrainConfig file `config_file` in `num_processes` processes (see `run_launched`)."
-    run_launched(launch_command(["-m", "lexvla.train", "--config", str(config_file)], num_processes, mixed_precision),
-                 num_processes, env, progress_every)
+                    env: dict[str, str] | None = None, progress_every: float = 60.0, callbacks: Sequence[str] = ()) -> None:
+    """Train the TrainConfig file `config_file` in `num_processes` processes (see `run_launched`), with the
+    `callbacks` named by import path ('package.module:name', see `load_callback`)."""
+    program = ["-m", "lexvla.train", "--config", str(config_file), *(a for c in callbacks for a in ("--callback", c))]
+    run_launched(launch_command(program, num_processes, mixed_precision), num_processes, env, progress_every)
 
 # %% ../nbs/13_train.ipynb #4f81b44b
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "lexvla.train": main()
+if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "lexvla.train":
+    from lexvla.train import main as _main   # the importable module's, whose TrainCallback the callbacks subclass
+    _main()

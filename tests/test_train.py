@@ -96,20 +96,20 @@ def _run_cli(cfg: TrainConfig, tmp: Path, env: dict[str, str], *args: str) -> su
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("hook,at,resume_from", [("LEXVLA_TEST_KILL_AT_STEP", 10, 8),
-                                                  ("LEXVLA_TEST_KILL_IN_CHECKPOINT", 8, 4)],
+@pytest.mark.parametrize("hook,at,resume_from", [("kill_hooks:kill_at_step_10", 10, 8),
+                                                  ("kill_hooks:kill_in_checkpoint_8", 8, 4)],
                          ids=["kill-between-checkpoints", "kill-while-writing-checkpoint"])
 def test_resume_after_sigkill_is_bitwise_equal(shards, reference, tmp_path, hook, at, resume_from):
-    "A run killed with SIGKILL and resumed ends with exactly the weights of the uninterrupted run."
+    "A run killed with SIGKILL (a callback of tests/kill_hooks.py) and resumed ends with exactly the weights of the uninterrupted run."
     out = tmp_path / "run"
     cfg = _cfg(shards, out)
-    p = _run_cli(cfg, tmp_path, {hook: str(at)})
+    p = _run_cli(cfg, tmp_path, {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}, "--callback", hook)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     steps = [s for s, _ in list_checkpoints(out)]
     assert steps == [s for s in (4, 8) if s <= resume_from], steps
     ckdir = out / "checkpoints"
     assert (ckdir / "latest").read_text().strip() == f"step_{resume_from:06d}"
-    if hook == "LEXVLA_TEST_KILL_IN_CHECKPOINT":   # the half-written checkpoint is invisible under its final name
+    if hook == "kill_hooks:kill_in_checkpoint_8":   # the half-written checkpoint is invisible under its final name
         assert (ckdir / f".step_{at:06d}.tmp").is_dir() and not (ckdir / f"step_{at:06d}").exists()
         assert not (ckdir / f".step_{at:06d}.tmp" / "state.json").exists()
 
