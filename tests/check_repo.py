@@ -39,7 +39,9 @@ _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+):?\s*(.*)$")
 
 
 def _notebooks(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith((".", "_")))
+    "Every notebook under `folder` (library notebooks live in nbs/lib/), none in hidden or `_` folders."
+    return sorted(p for p in folder.rglob("*.ipynb")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
 
 
 def _settings(root: Path) -> configparser.SectionProxy:

@@ -3,9 +3,9 @@
 Every notebook, module, config, test, benchmark script and README is scanned for
 (a) mentions of the team's working files that live outside the repository (the method is documented in
     `nbs/index.ipynb`, section "The method", and the notebooks cite the paper and each other instead), and
-(b) citations of repository files that do not exist: paths in backticks (`nbs/13_train.ipynb`,
+(b) citations of repository files that do not exist: paths in backticks (`nbs/lib/13_train.ipynb`,
     `lexvla/configs/paper_cc12m.yaml`), markdown links `[text](path)`, and notebook names in backticks
-    (`13_train` must be `nbs/13_train.ipynb`).
+    (`13_train` must be `nbs/lib/13_train.ipynb`; `train` is `nbs/train.ipynb`).
 Outputs written at run time (`runs/...`, `$OUT/...`, `~/...`), absolute paths, URLs and templates are not citations.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ OUTPUT_PREFIXES = ("runs/", "../runs/", "benchmarks/results/", "../benchmarks/re
 
 def sources() -> list[Path]:
     "Every file the check reads."
-    files = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "lexvla").rglob("*.py"))
+    files = sorted(p for p in (ROOT / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    files += sorted((ROOT / "lexvla").rglob("*.py"))
     files += sorted((ROOT / "lexvla" / "configs").glob("*.yaml")) + sorted((ROOT / "tests").glob("*.py"))
     files += sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.md"))
     return [f for f in files + [ROOT / "README.md"] if "__pycache__" not in f.parts and not f.name.startswith(".")]
@@ -55,8 +56,8 @@ def is_citation(ref: str) -> bool:
 
 
 def exists(ref: str, cited_in: Path) -> bool:
-    "`ref` resolves inside the repository: from the citing file's folder, the root, or nbs/ (notebook names)."
-    if NOTEBOOK.fullmatch(ref): return (ROOT / "nbs" / f"{ref}.ipynb").is_file()
+    "`ref` resolves inside the repository: from the citing file's folder, the root, or nbs/ (notebook names: nbs/ or nbs/lib/)."
+    if NOTEBOOK.fullmatch(ref): return any((ROOT / d / f"{ref}.ipynb").is_file() for d in ("nbs", "nbs/lib"))
     ref = ref.split("#")[0]
     for base in (cited_in.parent, ROOT, ROOT / "nbs"):
         p = (base / ref).resolve()
@@ -92,7 +93,7 @@ def test_the_check_finds_bad_citations(tmp_path: Path) -> None:
     for ref in ("nbs/99_missing.ipynb", "lexvla/configs/missing.yaml", "docs/history.md", "99_missing", "MISSING.md",
                 "../shared/assets/x.gguf"):
         assert is_citation(ref) and not exists(ref, ROOT / "nbs" / "index.ipynb"), ref
-    for ref in ("nbs/13_train.ipynb", "lexvla/configs/paper_cc12m.yaml", "13_train", "index.ipynb", "README.md",
+    for ref in ("nbs/lib/13_train.ipynb", "lexvla/configs/paper_cc12m.yaml", "13_train", "41_ablations", "index.ipynb", "README.md",
                 "../lexvla/train.py"):
         assert is_citation(ref) and exists(ref, ROOT / "nbs" / "index.ipynb"), ref
     for ref in ("runs/train/metrics.json", "../runs/x.md", "$OUT/a.md", "~/x.md", "https://a.b/c.md", "lexvla.losses",
