@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-REQUIRE_EXECUTED = False     # the strict rule: True once `make run-nbs` has been run on every library notebook
+REQUIRE_EXECUTED = True      # library notebooks must carry the outputs of one top-to-bottom run (`make run-nbs`)
 WARN_BYTES = 1_000_000       # a library notebook above this size is reported
 MAX_BYTES = 2_000_000        # ... and above this one fails the check (keep the repository small)
 

@@ -88,11 +88,10 @@ def _clean(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_executed_in_order_and_clean_notebooks_pass(tmp_path: Path) -> None:
     slow = _code("#| slow\nprint('long')")  # skipped by run-nbs as by nbdev_test: no count needed
-    repo = _nb_repo(tmp_path, lib=_lib(1, 2, 3) + [slow, _code("print(4)", 4, "4\n")], clean_lib=_lib(None, None),
-                    exp=_exp())
+    repo = _nb_repo(tmp_path, lib=_lib(1, 2, 3) + [slow, _code("print(4)", 4, "4\n")], exp=_exp())
     res = _clean(repo)
     assert res.returncode == 0, res.stderr
-    assert "3 notebooks, 0 problem(s)" in res.stdout
+    assert "2 notebooks, 0 problem(s)" in res.stdout
 
 
 def test_out_of_order_notebook_fails_naming_it_and_the_cell(tmp_path: Path) -> None:
@@ -146,11 +145,11 @@ def test_stray_metadata_fails_and_strip_removes_it_keeping_outputs(tmp_path: Pat
     assert exp_nb["cells"][0]["metadata"] == {"tags": ["parameters"]}
 
 
-def test_strict_rule_requires_library_outputs(tmp_path: Path) -> None:
-    repo = _nb_repo(tmp_path, lib=_lib(None, None))
-    assert _clean(repo).returncode == 0
-    res = _clean(repo, "--strict")
-    assert res.returncode == 1 and "NOT EXECUTED: nbs/lib.ipynb" in res.stderr
+def test_library_notebook_never_run_fails(tmp_path: Path) -> None:
+    repo = _nb_repo(tmp_path, lib=_lib(None, None))   # committed clean: a reader would see no outputs
+    for args in ((), ("--strict",)):                  # the rule is on by default (REQUIRE_EXECUTED)
+        res = _clean(repo, *args)
+        assert res.returncode == 1 and "NOT EXECUTED: nbs/lib.ipynb" in res.stderr, args
 
 
 def test_oversized_notebook_fails(tmp_path: Path) -> None:
