@@ -361,10 +361,12 @@ def test_documented_clip_benchmark_command_uses_the_checkpoint_make_train_writes
     params = "".join(next(c["source"] for c in json.loads((ROOT / "nbs" / "train.ipynb").read_text())["cells"]
                           if "parameters" in c["metadata"].get("tags", [])))
     ns: dict = {}
-    exec(params, ns)   # the main job's parameters: config, out_dir (relative to nbs/), max_steps
+    exec(params, ns)   # the main job's parameters: recipe, out_dir (relative to nbs/); None = the recipe's value
+    from lexvla.experiments import recipe_config
+    cfg = recipe_config("world", ns["out_dir"], ns["recipe"], config=ns["config"], max_steps=ns["max_steps"])
     run = Path(ns["out_dir"]).relative_to("..")
-    assert model == ns["config"]
-    assert Path(path) in (run, run / "checkpoints" / f"step_{ns['max_steps']:06d}"), path
+    assert model == cfg.model == "smol"
+    assert Path(path) in (run, run / "checkpoints" / f"step_{cfg.max_steps:06d}"), path
 
 
 def test_karpathy_set_with_a_truncated_jpeg_is_rejected_naming_it(tmp_path):
