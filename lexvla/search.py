@@ -305,7 +305,8 @@ class ServerIndex(IndexBase):
                  tau: float | None = None, top_k: int | None = None, **client_options):
         words = check_words(words)
         meta = new_meta(words, tau, top_k, "qdrant-server")
-        self._client, self.collection = self._connect(url, client, client_options), collection
+        self._client, self.collection, self._own = self._connect(url, client, client_options), collection, client is None
+        self._url = url
         if self._client.collection_exists(collection):
             raise FileExistsError(f"{self.where} already exists: reopen it with LexicalIndex.connect, or choose another name")
         m = qdrant().models
@@ -324,7 +325,8 @@ class ServerIndex(IndexBase):
     def connect(cls, url: str | None = None, collection: str = "lexvla", *, client=None, **client_options) -> ServerIndex:
         "Reopen the index in `collection`, with its words and setting; an add that a killed process left unfinished is undone."
         self = object.__new__(cls)
-        self._client, self.collection = cls._connect(url, client, client_options), collection
+        self._client, self.collection, self._own = cls._connect(url, client, client_options), collection, client is None
+        self._url = url
         if not self._client.collection_exists(collection): raise FileNotFoundError(f"no lexical index at {self.where}: no such collection")
         got = self._client.retrieve(collection, [META_POINT], with_payload=True, with_vectors=False)
         if not got: raise ValueError(f"{self.where} is not a lexvla index: it has no index description point")
@@ -337,10 +339,7 @@ class ServerIndex(IndexBase):
         return self
 
     @property
-    def where(self) -> str: return f"collection {self.collection!r} of {self._client_name()}"
-    def _client_name(self) -> str:
-        c = getattr(self._client, "_client", None)
-        return type(c).__name__ if c is not None and "Local" in type(c).__name__ else "the Qdrant server"
+    def where(self) -> str: return f"collection {self.collection!r} " + (f"at {self._url}" if self._url else "of the given client")
 
     def __len__(self) -> int:
         m = qdrant().models
@@ -350,6 +349,7 @@ class ServerIndex(IndexBase):
 
     def close(self) -> None:
         "Close the connection (the collection stays on the server); a client passed in is left open for its owner."
+        if self._own and self._client is not None: self._client.close()
         self._client = None
 
     def drop(self) -> None:

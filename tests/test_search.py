@@ -296,7 +296,7 @@ def test_server_bad_query_names_the_problem(query, k, message):
 
 def test_server_collections_that_are_missing_taken_or_foreign():
     client = QdrantClient(location=":memory:")
-    with pytest.raises(FileNotFoundError, match="no lexical index at collection 'nothing'"):
+    with pytest.raises(FileNotFoundError, match="no lexical index at collection 'nothing' of the given client"):
         LexicalIndex.connect(client=client, collection="nothing")
     server_index(client=client, collection="taken").close()
     with pytest.raises(FileExistsError, match="'taken' .* already exists"): server_index(client=client, collection="taken")
