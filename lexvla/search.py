@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,9 +22,10 @@ from .sparse import threshold, topk
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['META', 'SHARD', 'VEC', 'FORMAT', 'check_vectors', 'check_ids', 'sparsify', 'brute_force', 'explain', 'Hit',
-           'point_id', 'sparse_row', 'read_meta', 'edge_config', 'LexicalIndex', 'word_query', 'text_query',
-           'patch_word_maps', 'hit_figure']
+__all__ = ['META', 'SHARD', 'VEC', 'FORMAT', 'META_KEYS', 'Found', 'META_POINT', 'check_vectors', 'check_ids', 'sparsify',
+           'brute_force', 'explain', 'Hit', 'point_id', 'sparse_row', 'check_words', 'new_meta', 'check_meta',
+           'read_meta', 'edge_config', 'IndexBase', 'LexicalIndex', 'quiet_local_mode', 'qdrant', 'ServerIndex',
+           'word_query', 'text_query', 'patch_word_maps', 'hit_figure']
 
 # %% ../nbs/lib/16_search.ipynb #d874582c
 def check_vectors(v: Tensor, width: int, what: str = "vectors") -> Tensor:
@@ -93,6 +96,28 @@ def sparse_row(row: Tensor) -> tuple[list[int], list[float]]:
     j = row.nonzero().flatten()
     return j.tolist(), row[j].tolist()
 
+def check_words(words: Sequence[str]) -> list[str]:
+    "`words` as a list of unique non-empty strings (the model's vocabulary), or an error naming the problem."
+    words = list(words)
+    if not words or not all(isinstance(w, str) and w for w in words):
+        raise ValueError("words must be a non-empty list of non-empty strings (the model's vocabulary)")
+    if len(set(words)) != len(words): raise ValueError("words must be unique")
+    return words
+
+def new_meta(words: list[str], tau: float | None, top_k: int | None, engine: str) -> dict:
+    "The description of a new, empty index; `sparsify` first rejects tau with top_k, and top_k < 1."
+    sparsify(torch.ones(1, len(words)), tau, top_k)
+    return {"format": FORMAT, "version": 1, "engine": engine, "tau": tau, "top_k": top_k,
+            "size": 0, "batches": 0, "words": words}
+
+META_KEYS = ("format", "words", "size", "batches", "tau", "top_k")
+
+def check_meta(meta, where: str, name: str = META) -> dict:
+    "`meta` if it is a lexvla index description, else an error saying that the index at `where` is damaged."
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or [k for k in META_KEYS if k not in meta]:
+        raise ValueError(f"damaged lexical index at {where}: {name} is not a lexvla index description")
+    return meta
+
 def read_meta(root: Path) -> dict:
     "The description of the index in `root`, or an error saying that there is no index there or that it is damaged."
     f = root / META
@@ -101,9 +126,7 @@ def read_meta(root: Path) -> dict:
     try: meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"damaged lexical index at {root}: {META} is not valid JSON ({e})") from None
-    keys = ("format", "words", "size", "batches", "tau", "top_k")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or (missing := [k for k in keys if k not in meta]):
-        raise ValueError(f"damaged lexical index at {root}: {META} is not a lexvla index description")
+    check_meta(meta, str(root))
     if not (root / SHARD).is_dir(): raise ValueError(f"damaged lexical index at {root}: the engine folder {SHARD}/ is missing")
     return meta
 
@@ -113,29 +136,81 @@ def edge_config() -> qe.EdgeConfig:
                          optimizers=qe.EdgeOptimizersConfig(max_segment_size=256_000))
 
 # %% ../nbs/lib/16_search.ipynb #0fa35c00
-class LexicalIndex:
+Found = tuple[str, float, tuple[list[int], list[float]]]   # (user id, score, stored vector as (indices, values))
+
+class IndexBase:
+    """What every backend shares: input checks, sparsification, all-or-nothing `add`, `search` with explained hits.
+    A backend implements `__len__`, `close`, `_existing`, `_write`, `_flush`, `_undo`, `_save_meta` and `_query`."""
+    batch_rows = 1000          # points per engine update
+    words: list[str]
+    meta: dict
+
+    def __enter__(self): return self
+    def __exit__(self, *exc) -> None: self.close()
+
+    def stored(self, vectors: Tensor) -> Tensor:
+        "What `add` stores for `vectors`: checked, then sparsified with this index's setting."
+        return sparsify(check_vectors(vectors, len(self.words)), self.meta["tau"], self.meta["top_k"])
+
+    def add(self, ids: Sequence[str], vectors: Tensor) -> None:
+        """Store `vectors` [N, V] under `ids`. All or nothing: a bad input changes nothing, and an add that fails
+        (or whose process is killed) midway is undone, at once or at the next reopening."""
+        v = self.stored(vectors)
+        ids = check_ids(ids, len(v))
+        if (empty := (v == 0).all(1)).any():
+            i = int(empty.nonzero()[0])
+            raise ValueError(f"vector {i} ({ids[i]!r}) has no word left after sparsification "
+                             f"(tau={self.meta['tau']}, top_k={self.meta['top_k']}): it could never be found")
+        if have := self._existing(ids): raise ValueError(f"ids already in the index: {sorted(have)[:5]}")
+        batch = self.meta["batches"] + 1
+        try:
+            for a in range(0, len(ids), self.batch_rows):
+                self._write(batch, ids[a:a + self.batch_rows], v[a:a + self.batch_rows])
+            self._flush()
+        except BaseException:
+            self._undo(after=batch - 1); raise
+        self.meta |= {"batches": batch, "size": self.meta["size"] + len(ids)}
+        self._save_meta()                                   # the commit point
+        self._added(len(ids))
+
+    def _added(self, n: int) -> None: "Called after each completed add of n vectors."
+
+    def search(self, queries: Tensor, k: int = 10) -> list[list[Hit]]:
+        "The k best stored vectors for each query [Q, V] (or [V]), best first, each with the words of its score."
+        q = check_vectors(queries, len(self.words), "queries")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1: raise ValueError(f"k must be a positive integer, got {k!r}")
+        if (empty := (q == 0).all(1)).any():
+            raise ValueError(f"query {int(empty.nonzero()[0])} has no active word: it would match nothing")
+        qs = [sparse_row(r) for r in q]
+        return [[Hit(i, s, explain(qr, d, self.words)) for i, s, d in found] for qr, found in zip(qs, self._query(qs, k))]
+
+# %% ../nbs/lib/16_search.ipynb #0b9223b0
+class LexicalIndex(IndexBase):
     """Lexical vectors in an inverted index (an embedded Qdrant Edge shard), searched by exact dot product.
 
     `path=None`: a temporary folder, removed by `close()`; else the index lives in `path` and `LexicalIndex.open(path)`
-    reopens it. Vectors are stored sparsified: at `tau` (default 1/√V) or, with `top_k`, their k largest entries."""
-    batch_rows = 1000          # points per engine update
+    reopens it. Vectors are stored sparsified: at `tau` (default 1/√V) or, with `top_k`, their k largest entries.
+    With `url=` (or `client=`, a `QdrantClient`) the index is a collection on a Qdrant server instead: see `ServerIndex`."""
     optimize_every = 20_000    # vectors added before the shard is optimised and reopened (which frees its build memory)
 
+    def __new__(cls, words=None, path=None, tau=None, top_k=None, *, url=None, collection=None, client=None, **kw):
+        "`url=` or `client=`: a `ServerIndex` (with `collection`, default \"lexvla\"); else an embedded index."
+        if url is None and client is None:
+            if collection is not None or kw: raise ValueError("collection= and client options need url= or client= (a Qdrant server)")
+            return super().__new__(cls)
+        if path is not None: raise ValueError("pass path (an embedded index) or url/client (a server), not both")
+        return ServerIndex(words, url=url, collection=collection or "lexvla", client=client, tau=tau, top_k=top_k, **kw)
+
     def __init__(self, words: Sequence[str], path: str | Path | None = None, tau: float | None = None,
-                 top_k: int | None = None):
-        words = list(words)
-        if not words or not all(isinstance(w, str) and w for w in words):
-            raise ValueError("words must be a non-empty list of non-empty strings (the model's vocabulary)")
-        if len(set(words)) != len(words): raise ValueError("words must be unique")
-        sparsify(torch.ones(1, len(words)), tau, top_k)  # rejects tau with top_k, and top_k < 1
+                 top_k: int | None = None, *, url: None = None, collection: None = None, client: None = None):
+        words = check_words(words)
+        meta = new_meta(words, tau, top_k, "qdrant-edge")
         self._tmp = tempfile.TemporaryDirectory(prefix="lexvla_index_") if path is None else None
         root = Path(self._tmp.name if path is None else path)
         if (root / META).exists(): raise FileExistsError(f"{root} already holds a lexical index: reopen it with LexicalIndex.open")
         if root.exists() and any(root.iterdir()): raise FileExistsError(f"{root} is not empty: give a new or empty folder")
         root.mkdir(parents=True, exist_ok=True)
-        self.path, self.root, self.words = (None if path is None else root), root, words
-        self.meta = {"format": FORMAT, "version": 1, "engine": "qdrant-edge", "tau": tau, "top_k": top_k,
-                     "size": 0, "batches": 0, "words": words}
+        self.path, self.root, self.words, self.meta = (None if path is None else root), root, words, meta
         self._shard, self._pending = qe.EdgeShard.create(str(root / SHARD), edge_config()), 0
         self._save_meta()
 
@@ -144,7 +219,7 @@ class LexicalIndex:
         "Reopen the index in `path`, with its words; an add that a killed process left unfinished is undone."
         root = Path(path)
         meta = read_meta(root)
-        self = cls.__new__(cls)
+        self = object.__new__(cls)
         self._tmp, self.path, self.root, self.meta, self.words, self._pending = None, root, root, meta, meta["words"], 0
         try: self._shard = qe.EdgeShard.load(str(root / SHARD))
         except Exception as e:
@@ -154,9 +229,12 @@ class LexicalIndex:
             raise ValueError(f"damaged lexical index at {root}: {META} records {meta['size']} vectors, the engine holds {n}")
         return self
 
+    @classmethod
+    def connect(cls, url: str | None = None, collection: str = "lexvla", *, client=None, **kw) -> ServerIndex:
+        "Reopen the index kept in `collection` on the Qdrant server at `url` (or through `client`): `ServerIndex.connect`."
+        return ServerIndex.connect(url, collection, client=client, **kw)
+
     def __len__(self) -> int: return self._shard.count(qe.CountRequest(exact=True))
-    def __enter__(self) -> LexicalIndex: return self
-    def __exit__(self, *exc) -> None: self.close()
     def __repr__(self) -> str:
         return f"LexicalIndex({self.meta['size']} vectors, {len(self.words)} words, {self.path or 'in memory'})"
 
@@ -173,33 +251,17 @@ class LexicalIndex:
         if self._shard.count(qe.CountRequest(exact=True, filter=f)):
             self._shard.update(qe.UpdateOperation.delete_points_by_filter(f)); self._shard.flush()
 
-    def stored(self, vectors: Tensor) -> Tensor:
-        "What `add` stores for `vectors`: checked, then sparsified with this index's setting."
-        return sparsify(check_vectors(vectors, len(self.words)), self.meta["tau"], self.meta["top_k"])
+    def _existing(self, ids: list[str]) -> list[str]:
+        return [r.payload["id"] for r in self._shard.retrieve([point_id(i) for i in ids], with_payload=True, with_vector=False)]
 
-    def add(self, ids: Sequence[str], vectors: Tensor) -> None:
-        """Store `vectors` [N, V] under `ids`. All or nothing: a bad input changes nothing, and an add that fails
-        (or whose process is killed) midway is undone, at once or at the next `open`."""
-        v = self.stored(vectors)
-        ids = check_ids(ids, len(v))
-        if (empty := (v == 0).all(1)).any():
-            i = int(empty.nonzero()[0])
-            raise ValueError(f"vector {i} ({ids[i]!r}) has no word left after sparsification "
-                             f"(tau={self.meta['tau']}, top_k={self.meta['top_k']}): it could never be found")
-        if have := self._shard.retrieve([point_id(i) for i in ids], with_payload=True, with_vector=False):
-            raise ValueError(f"ids already in the index: {sorted(r.payload['id'] for r in have)[:5]}")
-        batch = self.meta["batches"] + 1
-        try:
-            for a in range(0, len(ids), self.batch_rows):
-                pts = [qe.Point(point_id(i), {VEC: qe.SparseVector(*sparse_row(r))}, {"id": i, "batch": batch})
-                       for i, r in zip(ids[a:a + self.batch_rows], v[a:a + self.batch_rows])]
-                self._shard.update(qe.UpdateOperation.upsert_points(pts, update_mode=qe.UpdateMode.InsertOnly))
-            self._shard.flush()
-        except BaseException:
-            self._undo(after=batch - 1); raise
-        self.meta |= {"batches": batch, "size": self.meta["size"] + len(ids)}
-        self._save_meta()                                   # the commit point
-        self._pending += len(ids)
+    def _write(self, batch: int, ids: list[str], v: Tensor) -> None:
+        pts = [qe.Point(point_id(i), {VEC: qe.SparseVector(*sparse_row(r))}, {"id": i, "batch": batch}) for i, r in zip(ids, v)]
+        self._shard.update(qe.UpdateOperation.upsert_points(pts, update_mode=qe.UpdateMode.InsertOnly))
+
+    def _flush(self) -> None: self._shard.flush()
+
+    def _added(self, n: int) -> None:
+        self._pending += n
         if self._pending >= self.optimize_every: self.optimize()
 
     def optimize(self) -> None:
@@ -207,18 +269,122 @@ class LexicalIndex:
         self._shard.optimize(); self._shard.flush(); self._shard.close()
         self._shard, self._pending = qe.EdgeShard.load(str(self.root / SHARD)), 0
 
-    def search(self, queries: Tensor, k: int = 10) -> list[list[Hit]]:
-        "The k best stored vectors for each query [Q, V] (or [V]), best first, each with the words of its score."
-        q = check_vectors(queries, len(self.words), "queries")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1: raise ValueError(f"k must be a positive integer, got {k!r}")
-        if (empty := (q == 0).all(1)).any():
-            raise ValueError(f"query {int(empty.nonzero()[0])} has no active word: it would match nothing")
-        qs = [sparse_row(r) for r in q]
+    def _query(self, qs: list[tuple[list[int], list[float]]], k: int) -> list[list[Found]]:
         reqs = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(qe.SparseVector(*s), using=VEC), with_payload=["id"],
                                 with_vector=True) for s in qs]
         res = self._shard.query_batch(qe.QueryBatchRequest(reqs))
-        return [[Hit(p.payload["id"], p.score, explain(s, (p.vector[VEC].indices, p.vector[VEC].values), self.words))
-                 for p in r] for s, r in zip(qs, res)]
+        return [[(p.payload["id"], p.score, (p.vector[VEC].indices, p.vector[VEC].values)) for p in r] for r in res]
+
+# %% ../nbs/lib/16_search.ipynb #660de700
+META_POINT = str(uuid.uuid5(_NS, "\0lexvla index description"))   # no user id maps here: ids are non-empty strings
+
+@contextmanager
+def quiet_local_mode():
+    "Silence local mode's warnings that payload indexes and search parameters do nothing there (they do on a server)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*(local Qdrant|Local mode)", category=UserWarning)
+        yield
+
+def qdrant():
+    "The `qdrant_client` package, or an error saying how to install it (the optional `server` extra)."
+    try: import qdrant_client
+    except ImportError: raise ImportError('the server backend needs qdrant-client: pip install "lexvla[server]"') from None
+    return qdrant_client
+
+class ServerIndex(IndexBase):
+    """Lexical vectors in a collection of a Qdrant server or cluster, through `qdrant-client`: the same engine as
+    `LexicalIndex` (exact sparse dot product) with the same checks, `add` and `search`.
+
+    Create with `LexicalIndex(words, url=..., collection=...)` (or `client=` an existing `QdrantClient`, e.g. one in
+    local mode for tests), reopen with `LexicalIndex.connect(url, collection)`. The words, the sparsification setting,
+    the number of vectors and of completed adds live in the payload of one point of the collection (`META_POINT`,
+    no vector, so no query finds it); rewriting it is the commit point of an `add`. One writer at a time."""
+    batch_rows = 256           # points per request
+
+    def __init__(self, words: Sequence[str], url: str | None = None, collection: str = "lexvla", *, client=None,
+                 tau: float | None = None, top_k: int | None = None, **client_options):
+        words = check_words(words)
+        meta = new_meta(words, tau, top_k, "qdrant-server")
+        self._client, self.collection, self._own = self._connect(url, client, client_options), collection, client is None
+        self._url = url
+        if self._client.collection_exists(collection):
+            raise FileExistsError(f"{self.where} already exists: reopen it with LexicalIndex.connect, or choose another name")
+        m = qdrant().models
+        self._client.create_collection(collection, vectors_config={},
+                                       sparse_vectors_config={VEC: m.SparseVectorParams(index=m.SparseIndexParams(on_disk=True))})
+        with quiet_local_mode(): self._client.create_payload_index(collection, "batch", m.PayloadSchemaType.INTEGER, wait=True)
+        self.words, self.meta = words, meta
+        self._save_meta()
+
+    @staticmethod
+    def _connect(url: str | None, client, options: dict):
+        if (url is None) == (client is None): raise ValueError("pass url (a Qdrant server) or client (a QdrantClient), one of them")
+        return client if client is not None else qdrant().QdrantClient(url=url, **options)
+
+    @classmethod
+    def connect(cls, url: str | None = None, collection: str = "lexvla", *, client=None, **client_options) -> ServerIndex:
+        "Reopen the index in `collection`, with its words and setting; an add that a killed process left unfinished is undone."
+        self = object.__new__(cls)
+        self._client, self.collection, self._own = cls._connect(url, client, client_options), collection, client is None
+        self._url = url
+        if not self._client.collection_exists(collection): raise FileNotFoundError(f"no lexical index at {self.where}: no such collection")
+        got = self._client.retrieve(collection, [META_POINT], with_payload=True, with_vectors=False)
+        if not got: raise ValueError(f"{self.where} is not a lexvla index: it has no index description point")
+        self.meta = check_meta(got[0].payload.get("lexvla"), self.where, "its description point")
+        self.words = self.meta["words"]
+        self._undo(after=self.meta["batches"])
+        if (n := len(self)) != self.meta["size"]:
+            raise ValueError(f"damaged lexical index at {self.where}: its description records {self.meta['size']} vectors, "
+                             f"the collection holds {n}")
+        return self
+
+    @property
+    def where(self) -> str: return f"collection {self.collection!r} " + (f"at {self._url}" if self._url else "of the given client")
+
+    def __len__(self) -> int:
+        m = qdrant().models
+        f = m.Filter(must_not=[m.HasIdCondition(has_id=[META_POINT])])
+        return self._client.count(self.collection, count_filter=f, exact=True).count
+    def __repr__(self) -> str: return f"ServerIndex({self.meta['size']} vectors, {len(self.words)} words, {self.where})"
+
+    def close(self) -> None:
+        "Close the connection (the collection stays on the server); a client passed in is left open for its owner."
+        if self._own and self._client is not None: self._client.close()
+        self._client = None
+
+    def drop(self) -> None:
+        "Delete the collection and everything in it from the server."
+        self._client.delete_collection(self.collection)
+
+    def _save_meta(self) -> None:
+        m = qdrant().models
+        self._client.upsert(self.collection, [m.PointStruct(id=META_POINT, vector={}, payload={"lexvla": self.meta})], wait=True)
+
+    def _undo(self, after: int) -> None:
+        "Delete the points of every add numbered above `after`: adds that did not complete."
+        m = qdrant().models
+        f = m.Filter(must=[m.FieldCondition(key="batch", range=m.Range(gt=after))])
+        if self._client.count(self.collection, count_filter=f, exact=True).count:
+            self._client.delete(self.collection, m.FilterSelector(filter=f), wait=True)
+
+    def _existing(self, ids: list[str]) -> list[str]:
+        got = self._client.retrieve(self.collection, [point_id(i) for i in ids], with_payload=["id"], with_vectors=False)
+        return [r.payload["id"] for r in got]
+
+    def _write(self, batch: int, ids: list[str], v: Tensor) -> None:
+        m = qdrant().models
+        pts = [m.PointStruct(id=point_id(i), vector={VEC: m.SparseVector(**dict(zip(("indices", "values"), sparse_row(r))))},
+                             payload={"id": i, "batch": batch}) for i, r in zip(ids, v)]
+        self._client.upsert(self.collection, pts, wait=True)
+
+    def _flush(self) -> None: "Nothing: each request waited until the server applied it (`wait=True`)."
+
+    def _query(self, qs: list[tuple[list[int], list[float]]], k: int) -> list[list[Found]]:
+        m = qdrant().models
+        reqs = [m.QueryRequest(query=m.SparseVector(indices=i, values=v), using=VEC, limit=k, with_payload=["id"],
+                               with_vector=[VEC], params=m.SearchParams(exact=True)) for i, v in qs]
+        with quiet_local_mode(): res = self._client.query_batch_points(self.collection, reqs)
+        return [[(p.payload["id"], p.score, (p.vector[VEC].indices, p.vector[VEC].values)) for p in r.points] for r in res]
 
 # %% ../nbs/lib/16_search.ipynb #9cc20c6c
 def word_query(words: Sequence[str], vocab: Sequence[str], weights: Sequence[float] | None = None) -> Tensor:

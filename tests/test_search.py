@@ -1,5 +1,6 @@
 """LexicalIndex behaviour: agreement with brute force, hand-computed scores, each bad input's error, and recovery
-from a failed add and from a process killed in the middle of an add."""
+from a failed add and from a process killed in the middle of an add. The server backend (`ServerIndex`, through
+qdrant-client) runs here against qdrant-client's local mode: no Qdrant server is reachable in CI."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lexvla.search import META, SHARD, Hit, LexicalIndex, brute_force, sparsify, word_query
+from qdrant_client import QdrantClient
+
+from lexvla.search import META, META_POINT, SHARD, Hit, LexicalIndex, ServerIndex, brute_force, sparsify, word_query
 
 WORDS = ["red", "star", "blue", "ring", "big", "image"]
 DOCS = torch.tensor([[0.8, 0.5, 0.0, 0.0, 0.3, 0.1],    # a big red star
@@ -216,3 +219,127 @@ def test_sparsified_storage_matches_the_library():
         ix.add(IDS, DOCS)
         hits = ix.search(word_query(["red", "star", "blue", "ring"], WORDS), k=3)[0]
     assert {h.id: h.words[0][0] for h in hits} == {"star": "red", "blue ring": "blue", "red ring": "ring"}
+
+
+# The server backend, on qdrant-client's local mode (the same client API, in the process)
+
+def server_index(words=WORDS, collection: str = "ix", client: QdrantClient | None = None, **setting) -> ServerIndex:
+    return LexicalIndex(words, client=client or QdrantClient(location=":memory:"), collection=collection, **setting)
+
+
+@pytest.mark.parametrize("setting", [{}, {"top_k": 40}])
+def test_server_top10_equals_edge_and_brute_force(setting):
+    V = 800
+    docs, queries = random_vectors(1500, V, 0.15, 0), random_vectors(12, V, 0.03, 1)
+    queries = queries[(queries > 0).any(1)]
+    words, ids = [f"w{j}" for j in range(V)], [f"d{i}" for i in range(len(docs))]
+    with LexicalIndex(words, **setting) as edge:
+        edge.add(ids, docs)
+        want = edge.search(queries, k=10)
+        ref_s, ref_i = brute_force(queries, edge.stored(docs), 10)
+    with server_index(words, **setting) as server:
+        assert isinstance(server, ServerIndex)
+        server.add(ids, docs)
+        got = server.search(queries, k=10)
+    assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in want]
+    assert [[h.id for h in r] for r in got] == [[f"d{i}" for i in row] for row in ref_i.tolist()]
+    scores = torch.tensor([[h.score for h in r] for r in got])
+    torch.testing.assert_close(scores, torch.tensor([[h.score for h in r] for r in want]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores, ref_s, rtol=0, atol=1e-5)
+    for r, w in zip(got, want):
+        for a, b in zip(r, w):
+            assert [x for x, _ in a.words] == [x for x, _ in b.words]
+            assert sum(c for _, c in a.words) == pytest.approx(a.score, abs=1e-5)
+
+
+def test_server_scores_words_and_reopen():
+    client = QdrantClient(location=":memory:")
+    with server_index(client=client, collection="toy", top_k=2) as ix:
+        ix.add(IDS, DOCS)
+    ix = LexicalIndex.connect(client=client, collection="toy")
+    assert (len(ix), ix.words, ix.meta["top_k"], ix.meta["tau"], ix.meta["batches"]) == (3, WORDS, 2, None, 1)
+    hits = ix.search(word_query(["red", "ring"], WORDS, [2.0, 1.0]), k=5)[0]
+    assert [h.id for h in hits] == ["red ring", "star", "blue ring"]     # top 2 keeps blue .9 and ring .4 of the blue ring
+    assert [h.score for h in hits] == pytest.approx([2 * 0.6 + 0.7, 2 * 0.8, 0.4])
+    assert hits[0].words == [("red", pytest.approx(1.2)), ("ring", pytest.approx(0.7))]
+    assert ix.search(torch.ones(6), k=10)[0] and META_POINT not in {h.id for h in ix.search(torch.ones(6), k=10)[0]}
+    ix.add(["after"], torch.ones(1, 6))
+    assert len(LexicalIndex.connect(client=client, collection="toy")) == 4
+
+
+@pytest.mark.parametrize("ids,vectors,message", BAD_ADDS, ids=[m for *_, m in BAD_ADDS])
+def test_server_bad_add_names_the_problem_and_changes_nothing(ids, vectors, message):
+    with server_index() as ix:
+        ix.add(IDS, DOCS)
+        with pytest.raises((ValueError, TypeError)) as e:
+            ix.add(ids, vectors)
+        assert message in str(e.value)
+        assert len(ix) == 3 and ix.meta["size"] == 3
+        ix.add(["after"], torch.ones(1, 6))
+        assert len(ix) == 4
+
+
+@pytest.mark.parametrize("query,k,message", [
+    (torch.zeros(6), 10, "query 0 has no active word"),
+    (torch.ones(1, 7), 10, "queries have width 7"),
+    (-torch.ones(6), 10, "queries hold negative values"),
+    (torch.full((6,), float("nan")), 10, "queries hold NaN or infinite values"),
+    (torch.ones(6), 0, "k must be a positive integer"),
+])
+def test_server_bad_query_names_the_problem(query, k, message):
+    with server_index() as ix:
+        ix.add(IDS, DOCS)
+        with pytest.raises(ValueError, match=None) as e:
+            ix.search(query, k=k)
+        assert message in str(e.value)
+
+
+def test_server_collections_that_are_missing_taken_or_foreign():
+    client = QdrantClient(location=":memory:")
+    with pytest.raises(FileNotFoundError, match="no lexical index at collection 'nothing' of the given client"):
+        LexicalIndex.connect(client=client, collection="nothing")
+    server_index(client=client, collection="taken").close()
+    with pytest.raises(FileExistsError, match="'taken' .* already exists"): server_index(client=client, collection="taken")
+    client.create_collection("foreign", vectors_config={})
+    with pytest.raises(ValueError, match="not a lexvla index"): LexicalIndex.connect(client=client, collection="foreign")
+    with pytest.raises(ValueError, match="path .* or url/client"): LexicalIndex(WORDS, "somewhere", client=client)
+    with pytest.raises(ValueError, match="need url= or client="): LexicalIndex(WORDS, collection="images")
+    with pytest.raises(ValueError, match="not both"): server_index(client=client, collection="x", tau=0.1, top_k=3)
+    with server_index(client=client, collection="dropped") as ix: ix.drop()
+    assert not client.collection_exists("dropped")
+
+
+class _FlakyClient:
+    "The client, except that its n-th upsert raises."
+    def __init__(self, client, n: int): self.client, self.n = client, n
+    def upsert(self, *a, **kw):
+        self.n -= 1
+        if self.n == 0: raise ConnectionError("server unreachable")
+        return self.client.upsert(*a, **kw)
+    def __getattr__(self, name): return getattr(self.client, name)
+
+
+def test_server_add_after_a_failed_add():
+    client = QdrantClient(location=":memory:")
+    with server_index(client=client) as ix:
+        ix.add(IDS[:1], DOCS[:1])
+        ix.batch_rows, ix._client = 1, _FlakyClient(client, 2)            # the second point's upsert fails
+        with pytest.raises(ConnectionError, match="server unreachable"): ix.add(IDS[1:], DOCS[1:])
+        assert len(ix) == 1 and ix.meta["size"] == 1
+        ix.add(IDS[1:], DOCS[1:])
+        assert len(ix) == 3
+    ix = LexicalIndex.connect(client=client, collection="ix")
+    assert len(ix) == 3 and ix.meta["batches"] == 2
+    assert [h.id for h in ix.search(word_query(["red", "blue"], WORDS))[0]] == ["blue ring", "star", "red ring"]
+
+
+def test_server_connect_undoes_an_add_whose_process_died():
+    client = QdrantClient(location=":memory:")
+    with server_index(client=client) as ix:
+        ix.add(IDS, DOCS)
+        ix._write(2, ["half", "done"], ix.stored(torch.ones(2, 6)))     # points of batch 2, never committed
+        assert len(ix) == 5
+    ix = LexicalIndex.connect(client=client, collection="ix")
+    assert len(ix) == 3 and sorted(h.id for h in ix.search(torch.ones(6))[0]) == sorted(IDS)
+    ix.add(["half", "done"], torch.ones(2, 6))
+    assert len(ix) == 5
