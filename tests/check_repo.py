@@ -82,10 +82,14 @@ def is_library(path: Path, nb: Notebook, root: Path = ROOT) -> bool:
                for k in _directives(c))
 
 
+HARDWARE_FLAGS = ("cuda",)   # tst_flags whose cells need hardware a reader may lack; `#| slow` cells do run
+
+
 def skipped(cell: dict, root: Path = ROOT) -> bool:
-    "Cells nbdev_test does not run (`#| eval: false`, settings.ini's tst_flags such as `#| slow`); run-nbs skips them too."
+    """Cells a committed run leaves out: `#| eval: false`, and cells flagged for hardware (`#| cuda`). A reader's
+    "run all" runs `#| slow` cells, so run-nbs does too (nbdev_test skips them, to keep CI short)."""
     d = _directives(cell)
-    return d.get("eval", "").lower() == "false" or bool(set(_settings(root).get("tst_flags", "").split()) & d.keys())
+    return d.get("eval", "").lower() == "false" or bool(set(HARDWARE_FLAGS) & d.keys())
 
 
 def normalise(nb: Notebook, library: bool, root: Path = ROOT) -> Notebook:

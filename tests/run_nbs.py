@@ -3,8 +3,7 @@
     python tests/run_nbs.py [NB ...]   # stems, file names or paths; all library notebooks when none
 
 Each notebook runs in a fresh Jupyter kernel with nbs/ as its working directory, as a reader's "Restart kernel and
-run all" would, except that cells nbdev_test skips (`#| eval: false`, settings.ini's tst_flags such as `#| slow`)
-are skipped here too. Progress bars and library chatter are switched off (ENV) so that they do not land in the
+run all" would (`#| slow` cells included), except cells marked `#| eval: false` or needing a GPU (`#| cuda`). Progress bars and library chatter are switched off (ENV) so that they do not land in the
 outputs, and this machine's paths in outputs are replaced (`scrub`). The notebook is then written in the committed
 form of tests/check_repo.py (metadata stripped, outputs and execution counts kept); a notebook whose run fails is
 left untouched and named at the end.

@@ -87,11 +87,17 @@ def _clean(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_executed_in_order_and_clean_notebooks_pass(tmp_path: Path) -> None:
-    slow = _code("#| slow\nprint('long')")  # skipped by run-nbs as by nbdev_test: no count needed
-    repo = _nb_repo(tmp_path, lib=_lib(1, 2, 3) + [slow, _code("print(4)", 4, "4\n")], exp=_exp())
+    gpu = _code("#| cuda\nprint('gpu')")  # needs hardware a reader may lack: run-nbs leaves it out, no count needed
+    repo = _nb_repo(tmp_path, lib=_lib(1, 2, 3) + [gpu, _code("print(4)", 4, "4\n")], exp=_exp())
     res = _clean(repo)
     assert res.returncode == 0, res.stderr
     assert "2 notebooks, 0 problem(s)" in res.stdout
+
+
+def test_slow_cell_left_unrun_fails(tmp_path: Path) -> None:
+    slow = _code("#| slow\nprint('long')")  # a reader's "run all" runs it, so a committed run must have too
+    res = _clean(_nb_repo(tmp_path, lib=_lib(1, 2) + [slow, _code("print(3)", 3, "3\n")]))
+    assert res.returncode == 1 and "nbs/lib.ipynb: cell 3" in res.stderr and "no execution count" in res.stderr
 
 
 def test_out_of_order_notebook_fails_naming_it_and_the_cell(tmp_path: Path) -> None:
