@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import dataclasses
 import json
 import math
@@ -17,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .core import ConfigError, check_fields, from_plain, load_yaml
+from .core import ConfigError, check_fields, from_plain, load_yaml, package_path
 from .vocab import VocabRule
 
 # %% auto #0
@@ -161,8 +160,7 @@ def _to_plain(obj: Any) -> Any:
 # %% ../nbs/lib/02_config.ipynb #f3c02a94
 def model_config_files() -> dict[str, Path]:
     "The registry: every `lexvla/configs/model/<name>.yaml` shipped with the package, by name, sorted."
-    folder = importlib.resources.files("lexvla") / "configs" / "model"
-    return {p.name[:-5]: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
+    return {p.stem: p for p in sorted(package_path("configs", "model").glob("*.yaml"))}
 
 def get_config(name: str | LexVLAConfig | Path, **overrides) -> LexVLAConfig:
     "A registered config by name, a config file (.json/.yaml), or a config passed through; `overrides` replace fields."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import dataclasses
 import os
 import platform
@@ -28,7 +29,8 @@ import yaml
 
 # %% auto #0
 __all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
-           'in_test', 'environment_info', 'fsync_path', 'atomic_write', 'FolderLockedError', 'locked_dir']
+           'in_test', 'package_path', 'environment_info', 'fsync_path', 'atomic_write', 'FolderLockedError',
+           'locked_dir']
 
 # %% ../nbs/lib/00_core.ipynb #e71fc734
 class ConfigError(ValueError):
@@ -181,6 +183,11 @@ def seed_everything(seed: int) -> None:
 def in_test() -> bool:
     "True while `nbdev_test` runs the notebooks (it sets `IN_TEST=1`)."
     return bool(os.environ.get("IN_TEST"))
+
+# %% ../nbs/lib/00_core.ipynb #a1e35d1b
+def package_path(*parts: str) -> Path:
+    "A file or folder shipped inside the lexvla package, e.g. `package_path('configs', 'main_job.yaml')`."
+    return Path(str(importlib.resources.files("lexvla").joinpath(*parts)))
 
 # %% ../nbs/lib/00_core.ipynb #7c1e2a02
 KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "huggingface-hub", "numpy",

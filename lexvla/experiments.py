@@ -5,7 +5,6 @@
 # %% ../nbs/lib/15_experiments.ipynb #07222aae
 from __future__ import annotations
 
-import importlib.resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .core import package_path
 from .patchdis import SegmentationSet, load_ade20k, load_voc
 from .retrieval import RetrievalSet, encode_images, encode_texts, find_karpathy, load_karpathy
 from .scenes import WorldInfo, build_world, load_world
@@ -48,7 +48,7 @@ RECIPE_ARGS: dict[str, tuple[str, ...]] = {   # recipe_config's short names -> t
 def recipe_file(recipe: str | Path) -> Path:
     "A training-recipe file: a `.yaml`/`.json` path, or the name of one shipped in `lexvla/configs/` (e.g. 'main_job')."
     if Path(recipe).suffix in (".yaml", ".yml", ".json"): return Path(recipe)
-    f = Path(str(importlib.resources.files("lexvla") / "configs" / f"{recipe}.yaml"))
+    f = package_path("configs", f"{recipe}.yaml")
     if not f.is_file(): raise FileNotFoundError(f"no training recipe {recipe!r}: {f} does not exist; pass a .yaml path")
     return f
 

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, NamedTuple
 
-from .core import check_fields
+from .core import check_fields, package_path
 
 # %% auto #0
 __all__ = ['SP_MARKER', 'BL_MARKER', 'SCRIPTS', 'CATEGORIES', 'ENGLISH_STOPWORDS', 'LLAMA2_GGUF', 'detect_scheme', 'Piece',
@@ -253,7 +252,7 @@ LLAMA2_GGUF = "ggml-vocab-llama-spm.gguf"
 
 def llama2_dir() -> str:
     "Folder of the vendored Llama 2 tokenizer inside the installed package."
-    return str(importlib.resources.files("lexvla") / "assets" / "llama2")
+    return str(package_path("assets", "llama2"))
 
 @functools.lru_cache(maxsize=1)
 def llama2_tokenizer():
