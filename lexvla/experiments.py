@@ -22,9 +22,9 @@ from .scenes import WorldInfo, build_world, load_world
 # %% auto #0
 __all__ = ['RECIPE_ARGS', 'BENCHMARKS', 'SPARSITY', 'get_world', 'recipe_file', 'recipe_config', 'train_on_world',
            'is_checkpoint', 'find_checkpoint', 'load_or_train', 'mean_pairwise_cosine', 'group_grad_norms',
-           'start_diagnostics', 'leaves_chance', 'SplitVectors', 'true_words', 'encode_split', 'markdown_table',
-           'save_table', 'require_checkpoint', 'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2',
-           'write_benchmark_tables', 'benchmark_figures']
+           'start_diagnostics', 'leaves_chance', 'first_batch', 'recipe_run', 'SplitVectors', 'true_words',
+           'encode_split', 'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks',
+           'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/lib/15_experiments.ipynb #40bb5d1d
 def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, seed: int = 0,
@@ -132,7 +132,7 @@ def start_diagnostics(model, images: Tensor, texts, loss_cfg=None) -> dict[str, 
     img, txt = out["image"].detach().float(), out["text"].detach().float()
     sim = img @ txt.T
     d = {"image_cos": mean_pairwise_cosine(img), "text_cos": mean_pairwise_cosine(txt),
-         "pair_margin": float(sim.diagonal().mean() - sim.mean()), "nce": float(terms["nce"]), "ln_B": math.log(len(img)),
+         "pair_margin": float(sim.diagonal().mean() - sim.mean()), "nce": float(terms["nce"].detach()), "ln_B": math.log(len(img)),
          "active_words": float((threshold(img) > 0).sum(-1).float().mean()) if model.cfg.head == "lexical" else float("nan")}
     d |= {f"grad_{g}": v for g, v in group_grad_norms(model).items()}
     model.zero_grad(set_to_none=True); model.train(was_training)
@@ -142,6 +142,43 @@ def leaves_chance(history: Sequence[dict], batch_size: int, margin: float = 0.1)
     "The first logged step whose contrastive loss `nce` is below ln(batch_size) - `margin`; None if none is."
     import math
     return next((h["step"] for h in history if "nce" in h and h["nce"] < math.log(batch_size) - margin), None)
+
+# %% ../nbs/lib/15_experiments.ipynb #14bc6c70
+def first_batch(cfg) -> dict:
+    "The first training batch of `cfg` (a `TrainConfig`), as the run's data loader yields it."
+    from lexvla.data import PairLoader
+    from lexvla.train import image_transform, model_config
+    return next(iter(PairLoader(cfg.data, image_transform(model_config(cfg)))))
+
+def recipe_run(world_root: str | Path, out_dir: str | Path, recipe: str | Path = "main_job", split: str = "val",
+               progress: bool = False, **kw: Any) -> dict[str, Any]:
+    """Train `recipe` with the fields `kw` (`RECIPE_ARGS` short names) into `out_dir`, score it on `split`, and return
+    the record `out_dir/record_<split>.json`: train_config, diagnostics (step 0), history, train_s, steps_per_s,
+    leaves_chance (step) and metrics. A record of the same `TrainConfig` is reused without training or scoring."""
+    import time
+    from lexvla.evaluate import evaluate_world
+    from lexvla.pretrained import create_model
+    from lexvla.train import RESULT_NEUTRAL, config_differences, model_config, train
+    cfg = recipe_config(world_root, out_dir, recipe, progress=progress, resume="fresh", **kw)
+    rec_file = Path(out_dir) / f"record_{split}.json"
+    if rec_file.is_file():   # the same settings (where the run was written and how it was watched aside)?
+        rec = json.loads(rec_file.read_text())
+        same_data = Path(rec["train_config"]["data"]["urls"]).resolve() == Path(cfg.data.urls).resolve()
+        if same_data and not config_differences(rec["train_config"], cfg.to_dict(), RESULT_NEUTRAL + ("data.urls",)):
+            return rec
+    model = create_model(model_config(cfg))
+    b = first_batch(cfg)
+    diag = start_diagnostics(model, b["image"], b["text"], cfg.loss)
+    t0 = time.perf_counter()
+    res = train(cfg, model=model)
+    train_s = time.perf_counter() - t0
+    metrics = evaluate_world(res.model.eval(), world_root, split=split, progress=progress)
+    rec = {"train_config": cfg.to_dict(), "split": split, "diagnostics": diag, "history": res.history,
+           "train_s": train_s, "steps_per_s": res.steps_per_s,
+           "leaves_chance": leaves_chance(res.history, cfg.data.batch_size), "metrics": metrics,
+           "checkpoint": str(Path(res.checkpoint).resolve())}
+    rec_file.write_text(json.dumps(rec, indent=1))
+    return json.loads(rec_file.read_text())
 
 # %% ../nbs/lib/15_experiments.ipynb #45101772
 @dataclass
