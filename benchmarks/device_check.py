@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -50,7 +51,7 @@ def tail(log: Path, n: int = 25) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
-def part_cuda(out: Path, work: Path, summary: dict, budget: float) -> None:
+def part_cuda(out: Path, work: Path, summary: dict, budget: float, args_steps: int = 120) -> None:
     import torch
     from lexvla.scenes import build_world
     from lexvla.train import latest_checkpoint, list_checkpoints, prepare_run
@@ -61,7 +62,8 @@ def part_cuda(out: Path, work: Path, summary: dict, budget: float) -> None:
     world = build_world(work / "world", n_train=512, n_test=64, image_size=32, progress=False)
     s["world"] = {"n_train": world.n_train, "n_test": world.n_test, "image_size": world.config.image_size}
     run_dir = work / "tiny_run"
-    train_set = ["max_steps=40", "save_every=5", "log_every=5", "warmup_steps=4", "data.batch_size=32",
+    train_set = [f"max_steps={args_steps}", "save_every=10", "log_every=10", "warmup_steps=8", "data.batch_size=32",
+                 *(f"lr_{g}=3e-3" for g in ("lora", "adapter", "codebook", "logit_scale")),
                  f"mixed_precision={'bf16' if device == 'cuda' else repr('no')}", "progress=false", "data.num_workers=2"]
     cfg, run_file = prepare_run(ROOT / "lexvla/configs/tiny_scenes.yaml", run_dir, str(world.root / "train"), train_set)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p),
@@ -83,9 +85,9 @@ def part_cuda(out: Path, work: Path, summary: dict, budget: float) -> None:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         st = json.loads((ckpt / "state.json").read_text())
-        losses = [(h["step"], h["loss"]) for h in st["history"] if "loss" in h]
-        s["final_step"], s["losses"] = st["step"], losses
-        s["loss_falls"] = bool(losses) and losses[-1][1] < losses[0][1]
+        losses = [(h["step"], round(h["loss"], 4), round(h["nce"], 4)) for h in st["history"] if "loss" in h]
+        s["final_step"], s["losses"], s["nce_chance"] = st["step"], losses, round(math.log(32), 4)   # (step, loss, nce)
+        s["nce_falls"] = bool(losses) and min(l[2] for l in losses[len(losses) // 2:]) < losses[0][2] - 0.05
         for f in ("table1_retrieval.md", "table2_patchdis.md"):
             if (run_dir / "eval" / f).is_file(): s[f"train_nb_{f}"] = (run_dir / "eval" / f).read_text()
         # 3. the vectors of the final checkpoint on this device, for --verify on a CPU
@@ -162,6 +164,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lexvla_device_check"))
     ap.add_argument("--parts", default="cuda,bench")
     ap.add_argument("--cuda-budget", type=float, default=150, help="seconds for part cuda")
+    ap.add_argument("--steps", type=int, default=120, help="training steps of part cuda")
     ap.add_argument("--bench-budget", type=float, default=330, help="seconds for part bench")
     ap.add_argument("--bench-args", default="", help="extra arguments for bench_paper.py")
     ap.add_argument("--cpu-smoke", action="store_true", help="small shapes for a CPU run of the whole script")
@@ -176,7 +179,7 @@ def main(argv=None) -> None:
     save = lambda: (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     parts = args.parts.split(",")
     if "cuda" in parts:
-        try: part_cuda(out, work, summary, args.cuda_budget)
+        try: part_cuda(out, work, summary, args.cuda_budget, args.steps)
         except Exception as e:
             import traceback
             summary.setdefault("cuda", {})["error"] = traceback.format_exc()[-3000:]
