@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -30,7 +31,7 @@ from .vocab import Vocabulary
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FILES', 'CKPT_RE', 'LexVLA', 'checkpoint_name', 'list_checkpoints', 'latest_checkpoint',
-           'checkpoint_folder', 'load_safetensors']
+           'checkpoint_folder', 'safetensors_metadata', 'load_safetensors']
 
 # %% ../nbs/lib/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
@@ -160,7 +161,8 @@ def save_pretrained(self: LexVLA, directory: str | os.PathLike, tensors: dict[st
     the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `13_train`)."""
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     if tensors is None: tensors = {n: host_tensor(t).contiguous() for n, t in self.trainable_state_dict().items()}
-    atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    meta = {"format": "pt", "torch": torch.__version__}   # random frozen towers are drawn by this torch (see from_pretrained)
+    atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
     atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
     atomic_write(d / "config.json", self.cfg.to_json())
     return d
@@ -210,6 +212,10 @@ def checkpoint_folder(directory: str | os.PathLike) -> Path:
                                     "LexVLA.save_pretrained, a training checkpoint out_dir/checkpoints/step_NNNNNN, or "
                                     "the run's out_dir itself (its newest checkpoint is loaded).")
     return d
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    "The string metadata in a `.safetensors` file's header (`save_pretrained` records the torch version)."
+    with safe_open(str(path), "pt") as f: return dict(f.metadata() or {})
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     "The tensors of a `.safetensors` file; a damaged or truncated file is an error that names it and what to do."
