@@ -114,7 +114,8 @@ def variants(patch_chunk: int, bf16: bool, buckets: int = 4) -> dict[str, Varian
     base = Variant("baseline", False, "eager", False, None, False, False, False)
     fp32_opt = replace(base, name="fp32_opt", attn="sdpa", prefix_cache=True, patch_chunk=patch_chunk, length_buckets=buckets)
     opt = replace(fp32_opt, name="optimised", bf16=bf16, fused_adam=True, tf32=True)
-    return {v.name: v for v in (base, fp32_opt, opt, replace(opt, name="optimised_ckpt", checkpointing=True),
+    return {v.name: v for v in (base, fp32_opt, opt, replace(opt, name="optimised_pad", length_buckets=1),
+                                replace(opt, name="optimised_ckpt", checkpointing=True),
                                 replace(opt, name="optimised_compile", compile=True))}
 
 
@@ -435,6 +436,29 @@ def peak_for(name: str) -> tuple[str, float | None]:
     return name, None
 
 
+def derive(res: dict, args, cuda: bool) -> None:
+    "Speed-ups against the baseline and the epoch projection (clearly a projection: single-GPU throughput x GPUs)."
+    tr = res["train"]
+    if "baseline" in tr:
+        res["speedup"] = {n: {"train": t["samples_per_s"] / tr["baseline"]["samples_per_s"],
+                              **{k: res["infer"][n][k]["samples_per_s"] / res["infer"]["baseline"][k]["samples_per_s"]
+                                 for k in res["infer"].get(n, {})}} for n, t in tr.items()}
+    proj = {}
+    for name, per in (res["max_batch"] if cuda else {}).items():
+        for f, mb in per.items():
+            if mb.get("train"):
+                sps = mb["train"]["samples_per_s"]
+                proj[f"{name}@{mb['cap_gib']:.0f}GiB(B={mb['max_batch']})"] = {
+                    "samples_per_s_per_gpu": sps, "gpus": args.gpus, "pairs": args.pairs,
+                    "epoch_hours": args.pairs / (args.gpus * sps) / 3600}
+    for name, t in (tr if cuda else {}).items():
+        proj[f"{name}(B={t['batch']})"] = {"samples_per_s_per_gpu": t["samples_per_s"], "gpus": args.gpus,
+                                            "pairs": args.pairs, "epoch_hours": args.pairs / (args.gpus * t["samples_per_s"]) / 3600}
+    res["projection"] = {"note": "PROJECTION, not a measurement: measured single-GPU training throughput times the "
+                                 "number of GPUs (perfect scaling; data loading, all-gather and gradient all-reduce "
+                                 "not included)", "per_setting": proj}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="paper", choices=["paper", "smol", "tiny"])
@@ -475,7 +499,8 @@ def main(argv=None) -> dict:
     res: dict = {"args": vars(args), "meta": {}, "equivalence": {}, "train": {}, "infer": {}, "max_batch": {}, "errors": []}
     out = Path(args.out) if args.out else None
 
-    def save():
+    def save():   # after every measurement, with what follows from it so far: a run cut short keeps it all
+        derive(res, args, cuda)
         if out: out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(res, indent=1))
 
     def log(*a):
@@ -587,33 +612,13 @@ def main(argv=None) -> dict:
             if cuda: torch.cuda.set_per_process_memory_fraction(1.0)
         save()
 
-    # speed-ups and the projection (clearly a projection: measured single-GPU throughput × number of GPUs)
-    tr = res["train"]
-    if "baseline" in tr:
-        res["speedup"] = {n: {"train": t["samples_per_s"] / tr["baseline"]["samples_per_s"],
-                              **{k: res["infer"][n][k]["samples_per_s"] / res["infer"]["baseline"][k]["samples_per_s"]
-                                 for k in res["infer"].get(n, {})}} for n, t in tr.items()}
-    proj = {}
-    for name, per in (res["max_batch"] if cuda else {}).items():
-        for f, mb in per.items():
-            if mb.get("train"):
-                sps = mb["train"]["samples_per_s"]
-                proj[f"{name}@{mb['cap_gib']:.0f}GiB(B={mb['max_batch']})"] = {
-                    "samples_per_s_per_gpu": sps, "gpus": args.gpus, "pairs": args.pairs,
-                    "epoch_hours": args.pairs / (args.gpus * sps) / 3600}
-    for name, t in (tr if cuda else {}).items():
-        proj[f"{name}(B={t['batch']})"] = {"samples_per_s_per_gpu": t["samples_per_s"], "gpus": args.gpus,
-                                            "pairs": args.pairs, "epoch_hours": args.pairs / (args.gpus * t["samples_per_s"]) / 3600}
-    res["projection"] = {"note": "PROJECTION, not a measurement: measured single-GPU training throughput times the "
-                                 "number of GPUs (perfect scaling; data loading, all-gather and gradient all-reduce "
-                                 "not included)", "per_setting": proj}
     save()
     log("\n== summary")
-    for n, t in tr.items():
+    for n, t in res["train"].items():
         log(f"{n:16s} train {t['samples_per_s']:8.1f}/s  peak {t.get('peak_alloc_gb', float('nan')):5.1f} GiB  "
             f"MFU {t['mfu'] or float('nan'):.3f}  " + "  ".join(f"{k} {r['samples_per_s']:.1f}/s" for k, r in res["infer"].get(n, {}).items()))
     for n, s in res.get("speedup", {}).items(): log(f"speed-up {n}: " + ", ".join(f"{k} {x:.2f}x" for k, x in s.items()))
-    for k, p in proj.items(): log(f"projection {k}: {p['epoch_hours']:.2f} h / epoch on {p['gpus']} GPUs")
+    for k, p in res["projection"]["per_setting"].items(): log(f"projection {k}: {p['epoch_hours']:.2f} h / epoch on {p['gpus']} GPUs")
     if res["errors"]: log("errors:", [e["variant"] + ": " + e["error"] for e in res["errors"]])
     return res
 
