@@ -205,10 +205,10 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     autograd graph (call `.train()` to fine-tune it)."""
     d = checkpoint_folder(directory)
     cfg = LexVLAConfig.from_file(d / "config.json")
-    _check_random_parts(cfg, d / "model.safetensors")
     vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
     model = create_model(cfg, vocab=vocab, device=device)
     model.load_trainable(load_safetensors(d / "model.safetensors"))
+    _check_random_parts(cfg, d / "model.safetensors")   # after the load, which names a damaged file
     return model.eval()
 
 # %% ../nbs/lib/08_pretrained.ipynb #f2768a22
