@@ -32,13 +32,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    "Resize the shorter side to `size` (bicubic), then crop the central size×size square."
+    """Resize the shorter side to `size` (bicubic), then crop the central size×size square. Only the region the crop
+    keeps is resampled (PIL's `resize(box=...)`): the same pixels as resizing the whole image and cropping, to within
+    rounding (below), without resampling what the crop throws away."""
     w, h = img.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 0.5 else None)
     l, t = (nw - size) // 2, (nh - size) // 2
-    return img.crop((l, t, l + size, t + size))
+    if (nw, nh) == (w, h): return img.crop((l, t, l + size, t + size))     # no resampling at all
+    sx, sy = w / nw, h / nh                                                 # source pixels per resized pixel
+    return img.resize((size, size), Image.BICUBIC, box=(l * sx, t * sy, (l + size) * sx, (t + size) * sy),
+                      reducing_gap=3.0 if s < 0.5 else None)
 
 def image_bytes(img: Image.Image, size: int) -> Tensor:
     "A PIL image of any mode and size -> its resized, centre-cropped RGB pixels as a uint8 [3, size, size] tensor."
