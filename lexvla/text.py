@@ -147,7 +147,7 @@ class TextEncoder(nn.Module):
         if not grad and self._prefix_kv is not None and self._prefix_kv[0] == key: return self._prefix_kv[1]
         ids = torch.tensor([self.prefix_ids], device=self.device)
         with _no_checkpointing(self.lm): out = self.lm(input_ids=ids, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._prefix_kv = None if grad else (key, kv)
         return kv
 
@@ -165,7 +165,7 @@ class TextEncoder(nn.Module):
             cache = prefix_cache(self._prefix_cache(), B)
             attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
-            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
         else:
             ids, mask = self._left_pad([self.prefix_ids + s for s in seqs])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
