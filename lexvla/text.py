@@ -165,7 +165,8 @@ class TextEncoder(nn.Module):
             cache = prefix_cache(self._prefix_cache(), B)
             attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
-            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+            # the prefix cache is read, never extended: use_cache=False (nothing to return; and no notice under checkpointing)
+            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=False)
         else:
             ids, mask = self._left_pad([self.prefix_ids + s for s in seqs])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -210,7 +211,7 @@ class TextEncoder(nn.Module):
                                     position_ids=pos)
         rope = self.lm.rotary_emb(h, position_ids=pos)
         for layer in layers:
-            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=True)
+            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=False)
         return h
 
     def _hidden_from_states(self, seqs: list[list[int]]) -> Tensor:
