@@ -106,6 +106,16 @@ def build_env(end: str, torch_spec: str, nodeps: list[str], work: Path) -> Path:
     return py
 
 
+def installed_requirements(python: Path | str) -> list[str]:
+    "`name==version` of every runtime requirement as installed for `python` (what an end actually tested)."
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    p = _run([python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"])
+    have = {canonicalize_name(d["name"]): d["version"] for d in json.loads(p.stdout)}
+    names = [Requirement(r).name for r in requirements()]
+    return [f"{n}=={have.get(canonicalize_name(n), 'MISSING')}" for n in names]
+
+
 def smoke(python: Path | str, out: Path, log: Path) -> dict:
     "Run tests/smoke.py with `python` from a temporary folder, offline, with a fresh weight cache; its numbers."
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +123,8 @@ def smoke(python: Path | str, out: Path, log: Path) -> dict:
         env |= {"HF_HUB_OFFLINE": "1", "LEXVLA_CACHE": str(Path(tmp) / "cache"), "PYTHONWARNINGS": ""}
         p = subprocess.run([str(python), str(SMOKE), "--out", str(out)], cwd=tmp, env=env, capture_output=True, text=True)
     log.write_text(p.stdout + p.stderr)
-    print("    " + "\n    ".join((p.stdout + p.stderr).strip().splitlines()[-40:]), flush=True)
+    mine = [l for l in p.stdout.splitlines() if l.startswith(("  ", "lexvla ", "smoke test"))]   # smoke.py's own lines
+    print("    " + "\n    ".join(mine + ([] if p.returncode == 0 else p.stderr.strip().splitlines()[-30:])), flush=True)
     if p.returncode != 0: raise RuntimeError(f"the smoke test failed (exit {p.returncode}); log: {log}")
     return json.loads(out.read_text())
 
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compat: the smoke test in this environment ({sys.executable}), the reference", flush=True)
     t = time.time()
     ref = smoke(sys.executable, args.dir / "pinned.json", args.dir / "pinned.log")
+    print("    reference: " + ", ".join(installed_requirements(sys.executable)), flush=True)
     summary.append(f"pinned: smoke {ref['total_s']} s")
     for end in args.ends:
         print(f"compat: {end} end of settings.ini's ranges", flush=True)
@@ -165,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             py = build_env(end, args.torch, args.nodeps.split(), args.dir / end)
             built = time.time() - t
             got = smoke(py, args.dir / f"{end}.json", args.dir / end / "smoke.log")
-            v = got["versions"]
-            print("    versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k]), flush=True)
+            print(f"    {end} end tested: " + ", ".join(installed_requirements(py)), flush=True)
             diffs = compare(ref, got)
             if diffs: raise RuntimeError("; ".join(diffs))
             summary.append(f"{end}: passed (install {built:.0f} s, smoke {got['total_s']} s)")
