@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .codebook import Codebook, centred_rows, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
 from .core import HF_LOAD_KWARGS, atomic_write
-from .model import LexVLA, checkpoint_folder, load_safetensors
+from .model import LexVLA, checkpoint_folder, load_safetensors, safetensors_metadata
 from .text import DenseTextEncoder, TextEncoder
 from .vision import DenseVisionEncoder, VisionEncoder
 from .vocab import Vocabulary, llama2_tokenizer, prune_vocab
@@ -185,6 +186,18 @@ def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = Non
     with seeded(cfg.seed + 2): model = build_model(cfg, lm, tokenizer, backbone, vocab)
     return model.to(device) if device is not None else model
 
+def _check_random_parts(cfg: LexVLAConfig, weights: Path) -> None:
+    """Warn when a checkpoint's frozen towers are random (`tiny`-like configs rebuild them from a seed) and it was
+    saved by another torch version: how torch draws random numbers can change between versions (torch 2.13 changed
+    `trunc_normal_`), and then the rebuilt frozen tower is another one than the one the weights were trained with."""
+    random = [n for n, v in (("text.lm", cfg.text.lm), ("vision.backbone", cfg.vision.backbone)) if v == "random"]
+    saved = safetensors_metadata(weights).get("torch") if random and weights.is_file() else None
+    if saved and saved.split(".")[:2] != torch.__version__.split(".")[:2]:
+        warnings.warn(f"{weights} was saved with torch {saved}, this is torch {torch.__version__}: the frozen "
+                      f"{' and '.join(random)} of this config are random, rebuilt from a seed, and torch versions may "
+                      "draw them differently, so the model may not give the vectors it gave when it was saved. Load it "
+                      f"with torch {saved} to be sure.", stacklevel=3)
+
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
     """A saved LexVLA: rebuilt from its config (frozen backbones by name/path) with `create_model`, then its trained
     weights loaded. `directory` is a `LexVLA.save_pretrained` folder, a training checkpoint, or a training run's
@@ -195,6 +208,7 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
     model = create_model(cfg, vocab=vocab, device=device)
     model.load_trainable(load_safetensors(d / "model.safetensors"))
+    _check_random_parts(cfg, d / "model.safetensors")   # after the load, which names a damaged file
     return model.eval()
 
 # %% ../nbs/lib/08_pretrained.ipynb #f2768a22

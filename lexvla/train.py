@@ -27,17 +27,18 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from .config import ConfigIO, LexVLAConfig, config_file, get_config
-from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, load_yaml, locked_dir,
-                          seed_everything)
+from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, host_tensor, load_yaml,
+                          locked_dir, seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss, loss_for_head
 from .model import LexVLA, checkpoint_name, latest_checkpoint, list_checkpoints, load_safetensors
 from .pretrained import create_model
 from .sparse import active_words, threshold
-from .vision import preprocess
+from .vision import image_bytes
 from .vocab import Vocabulary
 
 # %% auto #0
@@ -45,10 +46,10 @@ __all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'RESULT_NEU
            'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
            'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'save_checkpoint', 'load_checkpoint',
            'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
-           'resolve_mixed_precision', 'TrainCallback', 'TrainRun', 'make_accelerator', 'find_resume', 'prepare_model',
-           'start_data', 'init_run', 'optimizer_step', 'log_metrics', 'run_eval', 'checkpoint_state',
-           'save_run_checkpoint', 'finish_run', 'train', 'load_callback', 'main', 'prepare_run', 'check_processes',
-           'LaunchError', 'launch_command', 'run_launched', 'launch_training']
+           'resolve_mixed_precision', 'check_step', 'TrainCallback', 'TrainRun', 'fsdp_plugin', 'make_accelerator',
+           'find_resume', 'prepare_model', 'start_data', 'init_run', 'optimizer_step', 'log_metrics', 'run_eval',
+           'checkpoint_state', 'save_run_checkpoint', 'finish_run', 'train', 'load_callback', 'main', 'prepare_run',
+           'check_processes', 'LaunchError', 'launch_command', 'run_launched', 'launch_training']
 
 # %% ../nbs/lib/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -167,9 +168,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 # %% ../nbs/lib/13_train.ipynb #68bfd713
 def image_transform(mcfg: LexVLAConfig) -> Callable:
-    "The model's preprocessing as a picklable transform for `PairLoader` workers."
-    v = mcfg.vision
-    return partial(preprocess, size=v.image_size, mean=tuple(v.mean), std=tuple(v.std))
+    """The picklable transform of `PairLoader` workers: resize and crop to the model's size, as uint8 pixels (a quarter
+    of the bytes of float32 through shared memory and to the GPU); the vision tower normalises them on its device."""
+    return partial(image_bytes, size=mcfg.vision.image_size)
 
 class DataCursor:
     "Endless batches from a `PairLoader`, tracking the position (epoch, batches taken in it) for exact resumption."
@@ -238,10 +239,20 @@ def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
+def _optimizer_state(accelerator, model, optimizer) -> dict:
+    """The optimizer state a checkpoint holds, with every tensor on the host. Under FSDP it is gathered into one
+    unsharded dict keyed by parameter name, on the main process (every rank must call this); else `state_dict()`."""
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else: state = optimizer.state_dict()
+    return tree_map_only(Tensor, host_tensor, state)
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Path, step: int, state: dict,
                     keep: int = 3, before_commit: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this); returns the folder. `before_commit(tmp_folder)` runs
-    on every rank when the files are written, before `state.json` and the rename."""
+    """Write checkpoint `step` atomically (all ranks call this); returns the folder. Only what trains is saved (the
+    trainable weights and their optimizer state, gathered from all ranks under FSDP), never the frozen towers.
+    `before_commit(tmp_folder)` runs on every rank when the files are written, before `state.json` and the rename."""
     ckdir = Path(out_dir) / "checkpoints"
     name = checkpoint_name(step)
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
@@ -252,22 +263,15 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
         tmp.mkdir()
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if _is_fsdp(accelerator):   # sharded weights/optimizer: collective calls on every rank
-        full = accelerator.get_state_dict(model)
-        accelerator.save_state(str(tmp / "accelerate_state"))
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped, fsdp = accelerator.unwrap_model(model), _is_fsdp(accelerator)
+    if main or fsdp:   # under FSDP gathering the sharded weights and optimizer state is a collective: every rank takes part
+        weights = {n: host_tensor(t).contiguous() for n, t in unwrapped.trainable_state_dict().items()}
+        optim = _optimizer_state(accelerator, model, optimizer)
     if main:
-        if _is_fsdp(accelerator):
-            names = set(unwrapped.trainable_state_dict())
-            weights = {n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}
-            atomic_write(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-            (tmp / "vocab.json").write_text(json.dumps(unwrapped.vocab.to_dict()))
-            (tmp / "config.json").write_text(unwrapped.cfg.to_json())
-        else:
-            unwrapped.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if accelerator.scaler is not None: torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        unwrapped.save_pretrained(tmp, weights)
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None: torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()   # every rank's files are in tmp
     if before_commit is not None: before_commit(tmp)
     if main: (tmp / "state.json").write_text(json.dumps(state, indent=1))   # the mark of a complete checkpoint
@@ -293,16 +297,24 @@ def _torch_load(path: Path) -> Any:
                          "earlier checkpoint (TrainConfig.resume=<its folder>) or delete this one.") from None
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path) -> dict:
-    "Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns state.json."
+    """Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns
+    state.json. Under FSDP the main process reads the unsharded optimizer state and it is sharded to every rank."""
     folder = Path(folder)
-    if _is_fsdp(accelerator):
-        accelerator.load_state(str(folder / "accelerate_state"))
-    else:
-        load = lambda f: _torch_load(folder / f)
-        optimizer.load_state_dict(load("optimizer.pt"))
-        scheduler.load_state_dict(load("scheduler.pt"))
-        if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
-    return json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / "state.json").read_text())
+    fsdp, saved_fsdp = _is_fsdp(accelerator), state.get("fsdp", False)
+    if fsdp != saved_fsdp:
+        raise ValueError(f"{folder} was written {'with' if saved_fsdp else 'without'} FSDP and this run is "
+                         f"{'' if fsdp else 'not '}an FSDP run: their optimizer states are stored differently. Resume "
+                         "it with the accelerate configuration it was written with.")
+    load = lambda f: _torch_load(folder / f)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer.optimizer, load("optimizer.pt") if accelerator.is_main_process else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else: optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
+    return state
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None); 'fresh' -> None;
@@ -418,19 +430,21 @@ def _build_model(cfg: TrainConfig, ckpt: Path | None) -> LexVLA:
     dtype = FROZEN_DTYPES[cfg.frozen_dtype]
     return create_model(model_config(cfg), vocab=vocab, dtype=None if dtype == torch.float32 else dtype)
 
-def _check_finite(accelerator, value: Tensor, what: str, step: int, terms: dict | None = None) -> None:
-    "Raise FloatingPointError on every rank if the scalar `value` is NaN/inf on any rank."
-    value = value.detach().float()
-    here = not bool(torch.isfinite(value).all())
-    n_bad = float(here)
-    if accelerator.num_processes > 1:   # every rank must raise, or the others wait forever in the next collective
-        n_bad = accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item()
-    if n_bad == 0: return
-    local = value.item() if value.numel() == 1 else float("nan")
-    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in (terms or {}).items()
-                       if k != "loss" and torch.is_tensor(v) and v.numel() == 1)
-    raise FloatingPointError(f"non-finite {what}{f' {local}' if here else ''} at step {step}"
-                             + ("" if here else " on another rank") + (f" ({detail})" if detail else ""))
+def check_step(micro: list[dict[str, Tensor]], grad_norm: Tensor, step: int) -> None:
+    """Raise FloatingPointError if the loss of a micro-batch or the gradient norm is NaN/±inf, before the optimizer step.
+
+    One host read per step and no collective of its own: the gradient norm comes from the gradients after they were
+    reduced over all ranks, so it is the same on every rank, and a non-finite loss anywhere makes it non-finite
+    everywhere; every rank stops at the same step."""
+    vals = host_tensor(torch.cat([torch.stack([m["loss"] for m in micro]), grad_norm.detach().float().reshape(1)])).tolist()
+    *losses, norm = vals
+    bad = next((i for i, l in enumerate(losses) if not math.isfinite(l)), None)
+    if bad is None and math.isfinite(norm): return
+    terms = {k: host_tensor(v).item() for k, v in micro[bad if bad is not None else -1].items() if k != "loss"}
+    detail = " (" + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + ")"
+    if bad is not None: raise FloatingPointError(f"non-finite loss {losses[bad]} at step {step}{detail}")
+    raise FloatingPointError(f"non-finite gradient norm {norm} at step {step}: the loss was finite on this rank "
+                             f"(a non-finite loss on another rank, or an overflow in the backward pass){detail}")
 
 # %% ../nbs/lib/13_train.ipynb #d828ca8c
 class TrainCallback:
@@ -477,19 +491,39 @@ class TrainRun:
     def unwrapped(self) -> LexVLA: return self.acc.unwrap_model(self.model)
 
 # %% ../nbs/lib/13_train.ipynb #2658c335
+def fsdp_plugin(mixed_precision: str):
+    """The FSDP2 plugin of a run launched with FSDP (`accelerate launch --config_file accelerate_fsdp_8gpu.yaml`; the
+    other settings come from accelerate's environment): parameters in bf16/fp16 for compute, but gradients reduced
+    in float32 (accelerate's default reduces them in bf16). The loss casts the model's outputs to float32 itself
+    (`lexvla.losses`); an `output_dtype` here would apply to every wrapped layer, not only to the model's output."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2: raise ValueError(f"lexvla trains with FSDP2 only (fsdp_version: 2), got fsdp_version {plugin.fsdp_version}")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if low is not None: plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    return plugin
+
 def make_accelerator(cfg: TrainConfig):
-    "The `Accelerator` of this process: precision, gradient accumulation, TensorBoard under `out_dir`, gloo DDP on CPUs."
+    """The `Accelerator` of this process: precision, gradient accumulation, TensorBoard under `out_dir`; several CPU
+    processes run gloo DDP, or FSDP2 when launched with FSDP (accelerate picks FSDP on accelerators only; on CPUs
+    lexvla switches to it itself, which is how the tests run the FSDP path without a GPU)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
     AcceleratorState._reset_state(); GradientState._reset_state()   # allow several runs (other precisions) in one process
     mp = resolve_mixed_precision(cfg.mixed_precision)
     if cfg.frozen_dtype != "float32" and mp == "no":
         raise ValueError(f"TrainConfig.frozen_dtype={cfg.frozen_dtype!r} needs mixed precision, but mixed_precision resolves to 'no'")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = fsdp_plugin(mp) if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else None
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(cfg.out_dir),
-                      step_scheduler_with_optimizer=False,
-                      cpu=launched > 1 and not torch.cuda.is_available())   # several CPU processes (torchrun): gloo DDP
+                      step_scheduler_with_optimizer=False, fsdp_plugin=plugin,
+                      cpu=launched > 1 and not torch.cuda.is_available())   # several CPU processes (torchrun): gloo
+    if plugin is not None and acc.device.type == "cpu" and acc.num_processes > 1:   # as accelerate does it on GPUs:
+        acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin   # both shared states agree
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if acc.num_processes != launched:
         raise RuntimeError(f"WORLD_SIZE={launched} but accelerate runs {acc.num_processes} process(es) ({acc.distributed_type})")
     return acc
@@ -516,9 +550,14 @@ def prepare_model(cfg: TrainConfig, acc, model: LexVLA | None, ckpt: Path | None
     """The model to train, in train mode: `model` or the one `cfg` names, trainable weights in fp32, the checkpoint's
     trainable weights loaded, and the frozen parts cached if `cfg.cache_frozen`."""
     model = model if model is not None else _build_model(cfg, ckpt)
+    if _is_fsdp(acc) and model.text.lm is not None and model.text.use_prefix_cache():
+        raise ConfigError("TrainConfig.model: the text tower's prompt-prefix cache (TextConfig.prefix_cache) cannot train "
+                          "under FSDP, which frees each layer's weights after its forward pass while the cached prefix "
+                          "still needs them for the backward pass. Set model_overrides: {text: {prefix_cache: false}} "
+                          "(about 11% more LM compute at paper scale), or train with DDP.")
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
-    if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
+    if ckpt: model.load_trainable(load_safetensors(ckpt / "model.safetensors"))   # before FSDP shards them
     if cfg.cache_frozen:
         towers = model.cache_frozen()
         if acc.is_main_process:
@@ -580,16 +619,15 @@ def optimizer_step(run: TrainRun) -> tuple[list[dict], dict]:
         with acc.accumulate(model):
             out = model(batch["image"].to(acc.device, non_blocking=True), batch["text"])
             terms = run.loss_fn(out, run.step, cfg.loss)
-            loss = terms["loss"]
-            _check_finite(acc, loss, "loss", run.step + 1, terms)
-            acc.backward(loss)
+            acc.backward(terms["loss"])
+            micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
             if acc.sync_gradients:
-                run.grad_norm = acc.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                _check_finite(acc, torch.as_tensor(run.grad_norm), "gradient norm", run.step + 1)
+                norm = acc.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                run.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor under FSDP
+                check_step(micro, run.grad_norm, run.step + 1)
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-        micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
         run.samples += len(batch["text"]) * run.world
     run.step += 1
     dt = time.perf_counter() - t0
@@ -597,7 +635,6 @@ def optimizer_step(run: TrainRun) -> tuple[list[dict], dict]:
     run.window[0] += dt; run.window[1] += 1
     run.window[2] += len(batch["text"]) * run.world * cfg.gradient_accumulation_steps
     run.bar.update(1)
-    if run.main and cfg.progress: run.bar.set_postfix(loss=f"{micro[-1]['loss'].item():.4f}", refresh=False)
     return micro, out
 
 # %% ../nbs/lib/13_train.ipynb #ebd46723
@@ -605,20 +642,21 @@ def log_metrics(run: TrainRun, micro: list[dict], out: dict) -> dict:
     "Log the step's metrics, averaged over micro-batches and ranks, to the trackers and the history; returns the entry."
     acc, lexical = run.acc, run.unwrapped.cfg.head == "lexical"   # active words are logged for word vectors only
     keys = sorted(micro[0])
-    vals = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in keys]).to(acc.device)
     extra = ["active_words_img", "active_words_txt"] if lexical else []
     aw = [active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")] if lexical else []
-    vals = torch.cat([vals, *(a.to(acc.device).reshape(1) for a in aw),
-                      torch.as_tensor(run.grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
+    vals = [torch.stack([m[k] for m in micro]).mean() for k in keys] + aw + [run.grad_norm]
+    vals = torch.stack([v.detach().float().reshape(()).to(acc.device) for v in vals])
     if run.world > 1: vals = acc.reduce(vals, reduction="mean")
-    entry = {"step": run.step, **dict(zip([*keys, *extra, "grad_norm"], vals.tolist()))}
+    logit_scale = host_tensor(run.unwrapped.logit_scale).float()   # gathered under FSDP (every rank calls log_metrics)
+    entry = {"step": run.step, **dict(zip([*keys, *extra, "grad_norm"], host_tensor(vals).tolist()))}
     for n, lr in zip(run.group_names, run.scheduler.get_last_lr()): entry.setdefault(f"lr/{n.removesuffix('_no_decay')}", lr)
-    entry["logit_scale"] = float(run.unwrapped.logit_scale.detach().float())
+    entry["logit_scale"] = logit_scale.item()
     win_t, win_steps, win_samples = run.window
     entry.update(steps_per_s=win_steps / win_t, samples_per_s=win_samples / win_t,
                  data_skipped=run.loader.counter.skipped, epoch=run.cursor.epoch)
     run.window = [0.0, 0, 0]
     run.history.append(entry)
+    if run.main and run.cfg.progress: run.bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
     acc.log({k: v for k, v in entry.items() if k != "step"}, step=run.step)
     return entry
 
@@ -646,6 +684,7 @@ def _broadcast_history(acc, history: list[dict]) -> list[dict]:
 def checkpoint_state(run: TrainRun) -> dict:
     "The state.json of a checkpoint at the run's current step."
     return {"step": run.step, "data": {"seed": run.data_seed, "position": run.cursor.position()}, "world_size": run.world,
+            "fsdp": _is_fsdp(run.acc),
             "samples_seen": run.samples, "history": run.history, "train_config": run.cfg.to_dict(), "time": time.time()}
 
 def save_run_checkpoint(run: TrainRun) -> Path:
