@@ -173,9 +173,9 @@ class Bench:
                              attn_implementation=v.attn, length_buckets=v.length_buckets)
         m.vision.cfg = replace(m.vision.cfg, patch_chunk=v.patch_chunk, attn_implementation=v.attn)
         m.text._prefix_kv = None
-        if v.checkpointing: m.text.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if v.checkpointing: m.text.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif any(getattr(x, "gradient_checkpointing", False) for x in m.text.lm.modules()):
-            m.text.lm.gradient_checkpointing_disable()
+            m.text.lm.activation_checkpointing_disable()
         if v.compile and not self._compiled:  # regional compilation: each decoder layer and the ViT layers
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             for layer in m.text.lm.layers: layer.compile(dynamic=True)

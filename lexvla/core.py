@@ -28,9 +28,9 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
-           'in_test', 'package_path', 'host_tensor', 'environment_info', 'fsync_path', 'atomic_write',
-           'FolderLockedError', 'locked_dir']
+__all__ = ['KEY_PACKAGES', 'HF_LOAD_KWARGS', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params',
+           'seed_everything', 'in_test', 'package_path', 'host_tensor', 'environment_info', 'fsync_path',
+           'atomic_write', 'FolderLockedError', 'locked_dir']
 
 # %% ../nbs/lib/00_core.ipynb #e71fc734
 class ConfigError(ValueError):
@@ -219,6 +219,10 @@ def environment_info(packages: tuple[str, ...] = KEY_PACKAGES) -> dict[str, Any]
     modified = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": {p: _version(p) for p in packages}, "git_commit": commit, "git_modified": modified}
+
+# %% ../nbs/lib/00_core.ipynb #5f0c2e12
+HF_LOAD_KWARGS: dict[str, Any] = {"use_kernels": False}
+"Keyword arguments of every transformers `from_pretrained` call in lexvla: no kernels from the Hugging Face Hub."
 
 # %% ../nbs/lib/00_core.ipynb #7c1e2a07
 def fsync_path(path: str | Path) -> None:

@@ -25,7 +25,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPV
 from .codebook import Codebook, centred_rows, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
-from .core import atomic_write
+from .core import HF_LOAD_KWARGS, atomic_write
 from .model import LexVLA, checkpoint_folder, load_safetensors, safetensors_metadata
 from .text import DenseTextEncoder, TextEncoder
 from .vision import DenseVisionEncoder, VisionEncoder
@@ -100,7 +100,7 @@ def load_causal_lm(cfg: TextConfig, seed: int = 0, dtype: torch.dtype | None = N
         config = LlamaConfig(**cfg.lm_config, attn_implementation=cfg.attn_implementation)
         with seeded(seed): return LlamaForCausalLM(config).to(dtype or torch.float32)
     folder, gguf = resolve(cfg.lm)
-    attn = dict(attn_implementation=cfg.attn_implementation)
+    attn = dict(attn_implementation=cfg.attn_implementation, **HF_LOAD_KWARGS)
     if gguf is None: return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **attn)
     cached = _cache_folder(folder, gguf)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
@@ -136,7 +136,7 @@ def load_backbone(cfg: VisionConfig, seed: int = 0, dtype: torch.dtype | None = 
             raise ValueError(f"VisionConfig.backbone={cfg.backbone!r}: only DINOv2 backbones in .onnx files are supported")
         if not cfg.backbone_config: raise ValueError(f"VisionConfig.backbone={cfg.backbone!r} needs backbone_config (the Dinov2Config fields)")
         folder = str(converted_folder(Path(folder) / file, _cache_folder(folder, file), cfg.backbone_config))
-    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation, **HF_LOAD_KWARGS)
 
 # %% ../nbs/lib/08_pretrained.ipynb #dcc41edf
 def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
@@ -166,7 +166,7 @@ def _lora_decoder(lm: nn.Module, cfg: TextConfig) -> nn.Module:
     "The causal LM's decoder with LoRA (and gradient checkpointing when the config asks for it)."
     decoder = add_lora(lm.get_decoder(), cfg)
     if cfg.gradient_checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return decoder
 
 def _build_dense(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module, vocab: Vocabulary) -> LexVLA:

@@ -157,7 +157,7 @@ class TextEncoder(nn.Module):
         if not grad and self._prefix_kv is not None and self._prefix_kv[0] == key: return self._prefix_kv[1]
         ids = torch.tensor([self.prefix_ids], device=self.device)
         with _no_checkpointing(self.lm): out = self.lm(input_ids=ids, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._prefix_kv = None if grad else (key, kv)
         return kv
 
@@ -185,7 +185,8 @@ class TextEncoder(nn.Module):
             cache = prefix_cache(kv, B)
             attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
-            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            # the prefix cache is read, never extended: use_cache=False (nothing to return; and no notice under checkpointing)
+            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=False)
         else:
             ids, mask = self._left_pad([self.prefix_ids + s for s in seqs])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -230,7 +231,7 @@ class TextEncoder(nn.Module):
                                     position_ids=pos)
         rope = self.lm.rotary_emb(h, position_ids=pos)
         for layer in layers:
-            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=True)
+            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=False)
         return h
 
     def _hidden_from_states(self, seqs: list[list[int]], kv: list[tuple[Tensor, Tensor]]) -> Tensor:
