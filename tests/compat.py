@@ -94,7 +94,10 @@ def build_env(end: str, torch_spec: str, nodeps: list[str], work: Path) -> Path:
     py = work / "venv" / "bin" / "python"
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     _run([*pip, "--upgrade", "pip"], log)
-    pins = [torch_spec] + (lowest_pins(requirements()) if end == "lowest" else [])
+    # torch is always the pinned build (its lower end is tested on a GPU, not here): its lower bound is not pinned
+    from packaging.requirements import Requirement
+    others = [r for r in requirements() if Requirement(r).name != "torch"] if end == "lowest" else []
+    pins = [torch_spec] + lowest_pins(others)
     constraints = work / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
     _run([*pip, "-c", constraints, torch_spec], log)
