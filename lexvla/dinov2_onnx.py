@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DINOV2_S14
+from .core import HF_LOAD_KWARGS
 
 # %% auto #0
 __all__ = ['LINEAR_KINDS', 'OnnxLayoutError', 'read_onnx', 'linear_weights', 'position_embedding', 'dinov2_state_dict',
@@ -100,7 +101,7 @@ def file_sha256(path: str | Path) -> str:
 def _check_loads(folder: Path, source: Path) -> None:
     "Load `folder` as a Dinov2Model and fail, naming the tensors, unless every tensor matched."
     from transformers import Dinov2Model
-    try: _, info = Dinov2Model.from_pretrained(folder, output_loading_info=True)
+    try: _, info = Dinov2Model.from_pretrained(folder, output_loading_info=True, **HF_LOAD_KWARGS)
     except Exception as e: raise OnnxLayoutError(f"{source}: the converted tensors do not fit Dinov2Model: {e}") from None
     bad = {k: sorted(v)[:4] for k, v in info.items() if k != "error_msgs" and v}
     if bad or info.get("error_msgs"): raise OnnxLayoutError(f"{source}: converted backbone does not load cleanly: {bad or info['error_msgs']}")

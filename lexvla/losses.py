@@ -183,14 +183,20 @@ class LossConfig:
         return warmup_weight(self.lambda_flops, step, self.warmup_steps), warmup_weight(lo, step, self.warmup_steps)
 
 # %% ../nbs/lib/10_losses.ipynb #80b3b202
+def _model_outputs(out: dict[str, Tensor], who: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The image vectors, text vectors and logit scale of a model output, in float32 whatever the model computed in
+    (bf16 autocast, or FSDP's bf16 parameters), so that the objective always runs in full precision."""
+    missing = [k for k in ("image", "text", "logit_scale") if k not in out]
+    if missing: raise ValueError(f"{who}: model output lacks {missing}; it has {sorted(out)}")
+    return out["image"].float(), out["text"].float(), out["logit_scale"].float()
+
 def lexical_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
-    """LexVLA objective: InfoNCE + λ_flops·(FLOPs_img + FLOPs_txt) + λ_over·(Over_img + Over_txt).
+    """LexVLA objective: InfoNCE + λ_flops·(FLOPs_img + FLOPs_txt) + λ_over·(Over_img + Over_txt), in float32.
 
     Returns `loss` (to back-propagate) and, for logging, `nce`, `flops_img`, `flops_txt`, `over_img`, `over_txt`,
-    `lambda_flops`, `lambda_overuse` and `scale` (the clamped exp(logit_scale))."""
-    missing = [k for k in ("image", "text", "logit_scale") if k not in out]
-    if missing: raise ValueError(f"lexical_loss: model output lacks {missing}; it has {sorted(out)}")
-    img, txt, ls = out["image"], out["text"], out["logit_scale"]
+    `lambda_flops`, `lambda_overuse` and `scale` (the clamped exp(logit_scale)): float32 tensors on the device of
+    the model's outputs."""
+    img, txt, ls = _model_outputs(out, "lexical_loss")
     over_fn = cfg.overuse_fn()
     lf, lo = cfg.weights(step)
     terms = {"nce": contrastive(img, txt, ls, gather=cfg.gather, max_scale=cfg.max_logit_scale),
@@ -199,18 +205,18 @@ def lexical_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig
     if lo > 0:
         if cfg.overuse_on in ("both", "image"): total = total + lo * terms["over_img"]
         if cfg.overuse_on in ("both", "text"): total = total + lo * terms["over_txt"]
-    return {"loss": total, **terms, "lambda_flops": torch.tensor(lf), "lambda_overuse": torch.tensor(lo),
+    return {"loss": total, **terms, "lambda_flops": img.new_tensor(lf), "lambda_overuse": img.new_tensor(lo),
             "scale": ls.detach().exp().clamp(max=cfg.max_logit_scale)}
 
 # %% ../nbs/lib/10_losses.ipynb #8bad98b6
 def dense_loss(out: dict[str, Tensor], step: int, cfg: LossConfig = LossConfig()) -> dict[str, Tensor]:
-    """The latent (CLIP-style) baseline's objective: the symmetric InfoNCE alone. Returns `loss`, `nce` and `scale`.
+    """The latent (CLIP-style) baseline's objective: the symmetric InfoNCE alone, in float32. Returns `loss`, `nce`
+    and `scale`.
 
     `cfg` supplies `gather` and `max_logit_scale`; its FLOPs/overuse weights do not apply to dense embeddings."""
-    missing = [k for k in ("image", "text", "logit_scale") if k not in out]
-    if missing: raise ValueError(f"dense_loss: model output lacks {missing}; it has {sorted(out)}")
-    nce = contrastive(out["image"], out["text"], out["logit_scale"], gather=cfg.gather, max_scale=cfg.max_logit_scale)
-    return {"loss": nce, "nce": nce, "scale": out["logit_scale"].detach().exp().clamp(max=cfg.max_logit_scale)}
+    img, txt, ls = _model_outputs(out, "dense_loss")
+    nce = contrastive(img, txt, ls, gather=cfg.gather, max_scale=cfg.max_logit_scale)
+    return {"loss": nce, "nce": nce, "scale": ls.detach().exp().clamp(max=cfg.max_logit_scale)}
 
 LOSSES: dict[str, Callable[[dict, int, LossConfig], dict]] = {"lexical": lexical_loss, "dense": dense_loss}
 

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .codebook import Codebook
 from .config import LexVLAConfig
-from .core import atomic_write
+from .core import atomic_write, host_tensor
 from .sparse import make_sparse
 from .text import TextEncoder, check_texts
 from .vision import PatchEncoder, preprocess
@@ -30,7 +31,7 @@ from .vocab import Vocabulary
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FILES', 'CKPT_RE', 'LexVLA', 'checkpoint_name', 'list_checkpoints', 'latest_checkpoint',
-           'checkpoint_folder', 'load_safetensors']
+           'checkpoint_folder', 'safetensors_metadata', 'load_safetensors']
 
 # %% ../nbs/lib/07_model.ipynb #bca4c57c
 class LexVLA(nn.Module):
@@ -43,7 +44,8 @@ class LexVLA(nn.Module):
             raise ValueError(f"head='dense': the towers' embedding widths ({getattr(text, 'dim', None)}, "
                              f"{getattr(vision, 'dim', None)}) must both be LexVLAConfig.dense_dim={cfg.dense_dim}")
         self.cfg, self.vocab, self.text, self.vision = cfg, vocab, text, vision
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # a one-element vector, not a 0-dim scalar: FSDP2 shards every parameter along dim 0 and refuses scalars
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
 
     @property
     def device(self) -> torch.device: return self.logit_scale.device
@@ -154,11 +156,13 @@ def trainable_state_dict(self: LexVLA) -> dict[str, Tensor]:
     return {n: t for n, t in self.state_dict(keep_vars=True).items() if n in names}
 
 @patch
-def save_pretrained(self: LexVLA, directory: str | os.PathLike) -> Path:
-    "Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`."
+def save_pretrained(self: LexVLA, directory: str | os.PathLike, tensors: dict[str, Tensor] | None = None) -> Path:
+    """Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`. `tensors`:
+    the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `13_train`)."""
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
-    atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if tensors is None: tensors = {n: host_tensor(t).contiguous() for n, t in self.trainable_state_dict().items()}
+    meta = {"format": "pt", "torch": torch.__version__}   # random frozen towers are drawn by this torch (see from_pretrained)
+    atomic_write(d / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
     atomic_write(d / "vocab.json", json.dumps(self.vocab.to_dict()))
     atomic_write(d / "config.json", self.cfg.to_json())
     return d
@@ -170,6 +174,9 @@ def load_trainable(self: LexVLA, tensors: dict[str, Tensor]) -> None:
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tensors = dict(tensors)
+    if "logit_scale" in tensors and tensors["logit_scale"].ndim == 0:   # written before logit_scale became shape [1]
+        tensors["logit_scale"] = tensors["logit_scale"].reshape(1)
     self.load_state_dict(tensors, strict=False)
 
 # %% ../nbs/lib/07_model.ipynb #9a3b5c01
@@ -205,6 +212,10 @@ def checkpoint_folder(directory: str | os.PathLike) -> Path:
                                     "LexVLA.save_pretrained, a training checkpoint out_dir/checkpoints/step_NNNNNN, or "
                                     "the run's out_dir itself (its newest checkpoint is loaded).")
     return d
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    "The string metadata in a `.safetensors` file's header (`save_pretrained` records the torch version)."
+    with safe_open(str(path), "pt") as f: return dict(f.metadata() or {})
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     "The tensors of a `.safetensors` file; a damaged or truncated file is an error that names it and what to do."

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPV
 from .codebook import Codebook, centred_rows, codebook_rows
 from .dinov2_onnx import converted_folder
 from .config import LexVLAConfig, TextConfig, VisionConfig, get_config
-from .core import atomic_write
-from .model import LexVLA, checkpoint_folder, load_safetensors
+from .core import HF_LOAD_KWARGS, atomic_write
+from .model import LexVLA, checkpoint_folder, load_safetensors, safetensors_metadata
 from .text import DenseTextEncoder, TextEncoder
 from .vision import DenseVisionEncoder, VisionEncoder
 from .vocab import Vocabulary, llama2_tokenizer, prune_vocab
@@ -99,7 +100,7 @@ def load_causal_lm(cfg: TextConfig, seed: int = 0, dtype: torch.dtype | None = N
         config = LlamaConfig(**cfg.lm_config, attn_implementation=cfg.attn_implementation)
         with seeded(seed): return LlamaForCausalLM(config).to(dtype or torch.float32)
     folder, gguf = resolve(cfg.lm)
-    attn = dict(attn_implementation=cfg.attn_implementation)
+    attn = dict(attn_implementation=cfg.attn_implementation, **HF_LOAD_KWARGS)
     if gguf is None: return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **attn)
     cached = _cache_folder(folder, gguf)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
@@ -135,7 +136,7 @@ def load_backbone(cfg: VisionConfig, seed: int = 0, dtype: torch.dtype | None = 
             raise ValueError(f"VisionConfig.backbone={cfg.backbone!r}: only DINOv2 backbones in .onnx files are supported")
         if not cfg.backbone_config: raise ValueError(f"VisionConfig.backbone={cfg.backbone!r} needs backbone_config (the Dinov2Config fields)")
         folder = str(converted_folder(Path(folder) / file, _cache_folder(folder, file), cfg.backbone_config))
-    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation=cfg.attn_implementation, **HF_LOAD_KWARGS)
 
 # %% ../nbs/lib/08_pretrained.ipynb #dcc41edf
 def add_lora(decoder: nn.Module, cfg: TextConfig) -> nn.Module:
@@ -165,7 +166,7 @@ def _lora_decoder(lm: nn.Module, cfg: TextConfig) -> nn.Module:
     "The causal LM's decoder with LoRA (and gradient checkpointing when the config asks for it)."
     decoder = add_lora(lm.get_decoder(), cfg)
     if cfg.gradient_checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return decoder
 
 def _build_dense(cfg: LexVLAConfig, lm: nn.Module, tokenizer, backbone: nn.Module, vocab: Vocabulary) -> LexVLA:
@@ -185,6 +186,18 @@ def create_model(name: str | LexVLAConfig | Path, vocab: Vocabulary | None = Non
     with seeded(cfg.seed + 2): model = build_model(cfg, lm, tokenizer, backbone, vocab)
     return model.to(device) if device is not None else model
 
+def _check_random_parts(cfg: LexVLAConfig, weights: Path) -> None:
+    """Warn when a checkpoint's frozen towers are random (`tiny`-like configs rebuild them from a seed) and it was
+    saved by another torch version: how torch draws random numbers can change between versions (torch 2.13 changed
+    `trunc_normal_`), and then the rebuilt frozen tower is another one than the one the weights were trained with."""
+    random = [n for n, v in (("text.lm", cfg.text.lm), ("vision.backbone", cfg.vision.backbone)) if v == "random"]
+    saved = safetensors_metadata(weights).get("torch") if random and weights.is_file() else None
+    if saved and saved.split(".")[:2] != torch.__version__.split(".")[:2]:
+        warnings.warn(f"{weights} was saved with torch {saved}, this is torch {torch.__version__}: the frozen "
+                      f"{' and '.join(random)} of this config are random, rebuilt from a seed, and torch versions may "
+                      "draw them differently, so the model may not give the vectors it gave when it was saved. Load it "
+                      f"with torch {saved} to be sure.", stacklevel=3)
+
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> LexVLA:
     """A saved LexVLA: rebuilt from its config (frozen backbones by name/path) with `create_model`, then its trained
     weights loaded. `directory` is a `LexVLA.save_pretrained` folder, a training checkpoint, or a training run's
@@ -195,6 +208,7 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     vocab = Vocabulary.from_dict(json.loads((d / "vocab.json").read_text()))
     model = create_model(cfg, vocab=vocab, device=device)
     model.load_trainable(load_safetensors(d / "model.safetensors"))
+    _check_random_parts(cfg, d / "model.safetensors")   # after the load, which names a damaged file
     return model.eval()
 
 # %% ../nbs/lib/08_pretrained.ipynb #f2768a22

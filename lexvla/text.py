@@ -21,8 +21,8 @@ from .config import TextConfig
 from .vocab import FUNCTION_WORDS, Vocabulary
 
 # %% auto #0
-__all__ = ['check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'CaptionTruncatedWarning',
-           'TextEncoder', 'DenseTextEncoder']
+__all__ = ['check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'length_buckets',
+           'CaptionTruncatedWarning', 'TextEncoder', 'DenseTextEncoder']
 
 # %% ../nbs/lib/04_text.ipynb #0931287d
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -78,6 +78,16 @@ class _no_checkpointing:
         for m in self.layers: m.gradient_checkpointing = False
     def __exit__(self, *exc):
         for m in self.layers: m.gradient_checkpointing = True
+
+# %% ../nbs/lib/04_text.ipynb #bbbf4fda
+def length_buckets(lengths: Sequence[int], k: int) -> list[list[int]]:
+    "Indices of `lengths`, sorted by length (ties by index) and cut into min(k, n) consecutive runs of near-equal size."
+    if k < 1: raise ValueError(f"length_buckets: k must be >= 1, got {k}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    k = max(1, min(k, len(order)))
+    size, extra = divmod(len(order), k)
+    cuts = [j * size + min(j, extra) for j in range(k + 1)]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
 # %% ../nbs/lib/04_text.ipynb #c0acc263
 class CaptionTruncatedWarning(UserWarning):
@@ -140,7 +150,7 @@ class TextEncoder(nn.Module):
         if not grad and self._prefix_kv is not None and self._prefix_kv[0] == key: return self._prefix_kv[1]
         ids = torch.tensor([self.prefix_ids], device=self.device)
         with _no_checkpointing(self.lm): out = self.lm(input_ids=ids, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._prefix_kv = None if grad else (key, kv)
         return kv
 
@@ -148,17 +158,28 @@ class TextEncoder(nn.Module):
         return self.cfg.prefix_cache and (self._cache_with_ckpt or not (self.training and self.cfg.gradient_checkpointing))
 
     def hidden(self, texts: Sequence[str]) -> Tensor:
-        "Hidden state of the last prompt token for each caption: [B, D]."
+        """Hidden state of the last prompt token for each caption: [B, D]. With `TextConfig.length_buckets` = k > 1 the
+        LM reads the captions as k sub-batches of similar length (`length_buckets`), each padded to its own longest."""
         seqs = self.token_ids(texts)
+        kv = self._prefix_cache() if self.use_prefix_cache() else None   # once per batch, shared by the sub-batches
+        parts = length_buckets([len(s) for s in seqs], self.cfg.length_buckets)
+        if len(parts) == 1: return self._hidden(seqs, kv)
+        h = torch.cat([self._hidden([seqs[i] for i in idx], kv) for idx in parts])
+        order = torch.tensor([i for idx in parts for i in idx], device=h.device)
+        return h[torch.argsort(order)]   # back in the captions' order
+
+    def _hidden(self, seqs: list[list[int]], kv: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+        "`hidden` of one (sub-)batch of token id lists; `kv`: the prompt prefix's cached keys/values, None without the cache."
         P = len(self.prefix_ids)
-        if self.state_cache is not None and self.use_prefix_cache(): return self._hidden_from_states(seqs)
-        if self.use_prefix_cache():
+        if self.state_cache is not None and kv is not None: return self._hidden_from_states(seqs, kv)
+        if kv is not None:
             ids, mask = self._left_pad(seqs)  # [B, L]; the prefix comes from the cache
             B = ids.shape[0]
-            cache = prefix_cache(self._prefix_cache(), B)
+            cache = prefix_cache(kv, B)
             attn = torch.cat([mask.new_ones(B, P), mask], dim=1)
             pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
-            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            # the prefix cache is read, never extended: use_cache=False (nothing to return; and no notice under checkpointing)
+            out = self.lm(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=False)
         else:
             ids, mask = self._left_pad([self.prefix_ids + s for s in seqs])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -203,12 +224,12 @@ class TextEncoder(nn.Module):
                                     position_ids=pos)
         rope = self.lm.rotary_emb(h, position_ids=pos)
         for layer in layers:
-            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=True)
+            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache, use_cache=False)
         return h
 
-    def _hidden_from_states(self, seqs: list[list[int]]) -> Tensor:
+    def _hidden_from_states(self, seqs: list[list[int]], kv: list[tuple[Tensor, Tensor]]) -> Tensor:
         "`hidden` through the cached states at the lowest LoRA layer: new captions run the frozen layers once."
-        k, kv = self.first_trained_layer, self._prefix_cache()
+        k = self.first_trained_layer
         new = list(dict.fromkeys(tuple(s) for s in seqs if tuple(s) not in self.state_cache))
         if new:
             ids, mask = self._left_pad([list(s) for s in new])

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -27,17 +28,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils._pytree import tree_map_only
 from tqdm.auto import tqdm
 
 from .config import ConfigIO, LexVLAConfig, config_file, get_config
-from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, load_yaml, locked_dir,
-                          seed_everything)
+from .core import (ConfigError, atomic_write, check_fields, environment_info, fsync_path, host_tensor, load_yaml,
+                          locked_dir, seed_everything)
 from .data import DataConfig, PairLoader
 from .losses import LossConfig, lexical_loss, loss_for_head
+from .multinode import (FailureReport, Machines, check_agree, check_machines, check_shared_dir, check_world,
+                              explain_launch_failure, follow_launcher, free_port, launch_flags)
 from .model import LexVLA, checkpoint_name, latest_checkpoint, list_checkpoints, load_safetensors
 from .pretrained import create_model
 from .sparse import active_words, threshold
-from .vision import preprocess
+from .vision import image_bytes
 from .vocab import Vocabulary
 
 # %% auto #0
@@ -45,10 +49,10 @@ __all__ = ['MIXED_PRECISION', 'FROZEN_DTYPES', 'GROUPS', 'NO_DECAY', 'RESULT_NEU
            'model_config', 'optimizer_groups', 'make_optimizer', 'make_scheduler', 'image_transform', 'DataCursor',
            'reseeded', 'rng_state', 'set_rng_state', 'rng_preserved', 'save_checkpoint', 'load_checkpoint',
            'resolve_resume', 'config_differences', 'check_resumable', 'set_aside', 'TrainResult', 'run_record',
-           'resolve_mixed_precision', 'TrainCallback', 'TrainRun', 'make_accelerator', 'find_resume', 'prepare_model',
-           'start_data', 'init_run', 'optimizer_step', 'log_metrics', 'run_eval', 'checkpoint_state',
-           'save_run_checkpoint', 'finish_run', 'train', 'load_callback', 'main', 'prepare_run', 'check_processes',
-           'LaunchError', 'launch_command', 'run_launched', 'launch_training']
+           'resolve_mixed_precision', 'check_step', 'TrainCallback', 'TrainRun', 'fsdp_plugin', 'make_accelerator',
+           'find_resume', 'prepare_model', 'start_data', 'init_run', 'optimizer_step', 'log_metrics', 'run_eval',
+           'checkpoint_state', 'save_run_checkpoint', 'finish_run', 'train', 'load_callback', 'main', 'prepare_run',
+           'check_processes', 'LaunchError', 'launch_command', 'run_launched', 'launch_training']
 
 # %% ../nbs/lib/13_train.ipynb #f083e77c
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -87,6 +91,7 @@ class TrainConfig(ConfigIO):
     resume_data: str = "replay"              # "replay": fast-forward the data stream (exact); "reseed": a fresh stream (fast)
     progress: bool = True                    # tqdm progress bar on the main process
     cache_frozen: bool = False               # cache per-sample outputs of the frozen parts (LexVLA.cache_frozen; exact, pays when samples repeat)
+    dist_timeout: float = 600.0              # seconds a collective (or the machines' rendezvous) may wait for a rank before the run stops (17_multinode)
 
     def __post_init__(self):
         check_fields(self)   # every field against its declared type; `data`/`loss` mappings become their configs
@@ -98,6 +103,7 @@ class TrainConfig(ConfigIO):
         for n in ("warmup_steps", "eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps",
                   *(f"lr_{g}" for g in GROUPS)):
             if getattr(self, n) < 0: _bad(n, ">= 0", getattr(self, n))
+        if self.dist_timeout <= 0: _bad("dist_timeout", "> 0 seconds", self.dist_timeout)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas): _bad("adam_betas", "two values in [0, 1)", self.adam_betas)
         if not self.resume: _bad("resume", "'auto', 'fresh', 'never' or a checkpoint folder", self.resume)
 
@@ -167,9 +173,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 # %% ../nbs/lib/13_train.ipynb #68bfd713
 def image_transform(mcfg: LexVLAConfig) -> Callable:
-    "The model's preprocessing as a picklable transform for `PairLoader` workers."
-    v = mcfg.vision
-    return partial(preprocess, size=v.image_size, mean=tuple(v.mean), std=tuple(v.std))
+    """The picklable transform of `PairLoader` workers: resize and crop to the model's size, as uint8 pixels (a quarter
+    of the bytes of float32 through shared memory and to the GPU); the vision tower normalises them on its device."""
+    return partial(image_bytes, size=mcfg.vision.image_size)
 
 class DataCursor:
     "Endless batches from a `PairLoader`, tracking the position (epoch, batches taken in it) for exact resumption."
@@ -238,10 +244,20 @@ def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
+def _optimizer_state(accelerator, model, optimizer) -> dict:
+    """The optimizer state a checkpoint holds, with every tensor on the host. Under FSDP it is gathered into one
+    unsharded dict keyed by parameter name, on the main process (every rank must call this); else `state_dict()`."""
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        state = get_optimizer_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else: state = optimizer.state_dict()
+    return tree_map_only(Tensor, host_tensor, state)
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Path, step: int, state: dict,
                     keep: int = 3, before_commit: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this); returns the folder. `before_commit(tmp_folder)` runs
-    on every rank when the files are written, before `state.json` and the rename."""
+    """Write checkpoint `step` atomically (all ranks call this); returns the folder. Only what trains is saved (the
+    trainable weights and their optimizer state, gathered from all ranks under FSDP), never the frozen towers.
+    `before_commit(tmp_folder)` runs on every rank when the files are written, before `state.json` and the rename."""
     ckdir = Path(out_dir) / "checkpoints"
     name = checkpoint_name(step)
     final, tmp = ckdir / name, ckdir / f".{name}.tmp"
@@ -252,22 +268,15 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: str | Pat
         tmp.mkdir()
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if _is_fsdp(accelerator):   # sharded weights/optimizer: collective calls on every rank
-        full = accelerator.get_state_dict(model)
-        accelerator.save_state(str(tmp / "accelerate_state"))
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped, fsdp = accelerator.unwrap_model(model), _is_fsdp(accelerator)
+    if main or fsdp:   # under FSDP gathering the sharded weights and optimizer state is a collective: every rank takes part
+        weights = {n: host_tensor(t).contiguous() for n, t in unwrapped.trainable_state_dict().items()}
+        optim = _optimizer_state(accelerator, model, optimizer)
     if main:
-        if _is_fsdp(accelerator):
-            names = set(unwrapped.trainable_state_dict())
-            weights = {n: t.detach().contiguous().cpu() for n, t in full.items() if n in names}
-            atomic_write(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-            (tmp / "vocab.json").write_text(json.dumps(unwrapped.vocab.to_dict()))
-            (tmp / "config.json").write_text(unwrapped.cfg.to_json())
-        else:
-            unwrapped.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if accelerator.scaler is not None: torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        unwrapped.save_pretrained(tmp, weights)
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None: torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()   # every rank's files are in tmp
     if before_commit is not None: before_commit(tmp)
     if main: (tmp / "state.json").write_text(json.dumps(state, indent=1))   # the mark of a complete checkpoint
@@ -293,16 +302,24 @@ def _torch_load(path: Path) -> Any:
                          "earlier checkpoint (TrainConfig.resume=<its folder>) or delete this one.") from None
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, folder: str | Path) -> dict:
-    "Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns state.json."
+    """Restore optimizer, scheduler and scaler state from a checkpoint (weights are loaded before `prepare`); returns
+    state.json. Under FSDP the main process reads the unsharded optimizer state and it is sharded to every rank."""
     folder = Path(folder)
-    if _is_fsdp(accelerator):
-        accelerator.load_state(str(folder / "accelerate_state"))
-    else:
-        load = lambda f: _torch_load(folder / f)
-        optimizer.load_state_dict(load("optimizer.pt"))
-        scheduler.load_state_dict(load("scheduler.pt"))
-        if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
-    return json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / "state.json").read_text())
+    fsdp, saved_fsdp = _is_fsdp(accelerator), state.get("fsdp", False)
+    if fsdp != saved_fsdp:
+        raise ValueError(f"{folder} was written {'with' if saved_fsdp else 'without'} FSDP and this run is "
+                         f"{'' if fsdp else 'not '}an FSDP run: their optimizer states are stored differently. Resume "
+                         "it with the accelerate configuration it was written with.")
+    load = lambda f: _torch_load(folder / f)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer.optimizer, load("optimizer.pt") if accelerator.is_main_process else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else: optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    if accelerator.scaler is not None and (folder / "scaler.pt").exists(): accelerator.scaler.load_state_dict(load("scaler.pt"))
+    return state
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint a run continues from: `resume='auto'` -> newest in out_dir (or None); 'fresh' -> None;
@@ -324,7 +341,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 # %% ../nbs/lib/13_train.ipynb #5e7a1c02
 RESULT_NEUTRAL = ("out_dir", "resume", "resume_data", "progress", "tracker", "log_every", "eval_every", "save_every",
                   "keep_checkpoints", "data.pin_memory", "data.max_corrupt_fraction", "data.min_samples",
-                  "cache_frozen")
+                  "cache_frozen", "dist_timeout")
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     "A nested mapping as {dotted.key: value}."
@@ -418,19 +435,21 @@ def _build_model(cfg: TrainConfig, ckpt: Path | None) -> LexVLA:
     dtype = FROZEN_DTYPES[cfg.frozen_dtype]
     return create_model(model_config(cfg), vocab=vocab, dtype=None if dtype == torch.float32 else dtype)
 
-def _check_finite(accelerator, value: Tensor, what: str, step: int, terms: dict | None = None) -> None:
-    "Raise FloatingPointError on every rank if the scalar `value` is NaN/inf on any rank."
-    value = value.detach().float()
-    here = not bool(torch.isfinite(value).all())
-    n_bad = float(here)
-    if accelerator.num_processes > 1:   # every rank must raise, or the others wait forever in the next collective
-        n_bad = accelerator.reduce(torch.tensor([n_bad], device=accelerator.device), reduction="sum").item()
-    if n_bad == 0: return
-    local = value.item() if value.numel() == 1 else float("nan")
-    detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in (terms or {}).items()
-                       if k != "loss" and torch.is_tensor(v) and v.numel() == 1)
-    raise FloatingPointError(f"non-finite {what}{f' {local}' if here else ''} at step {step}"
-                             + ("" if here else " on another rank") + (f" ({detail})" if detail else ""))
+def check_step(micro: list[dict[str, Tensor]], grad_norm: Tensor, step: int) -> None:
+    """Raise FloatingPointError if the loss of a micro-batch or the gradient norm is NaN/±inf, before the optimizer step.
+
+    One host read per step and no collective of its own: the gradient norm comes from the gradients after they were
+    reduced over all ranks, so it is the same on every rank, and a non-finite loss anywhere makes it non-finite
+    everywhere; every rank stops at the same step."""
+    vals = host_tensor(torch.cat([torch.stack([m["loss"] for m in micro]), grad_norm.detach().float().reshape(1)])).tolist()
+    *losses, norm = vals
+    bad = next((i for i, l in enumerate(losses) if not math.isfinite(l)), None)
+    if bad is None and math.isfinite(norm): return
+    terms = {k: host_tensor(v).item() for k, v in micro[bad if bad is not None else -1].items() if k != "loss"}
+    detail = " (" + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + ")"
+    if bad is not None: raise FloatingPointError(f"non-finite loss {losses[bad]} at step {step}{detail}")
+    raise FloatingPointError(f"non-finite gradient norm {norm} at step {step}: the loss was finite on this rank "
+                             f"(a non-finite loss on another rank, or an overflow in the backward pass){detail}")
 
 # %% ../nbs/lib/13_train.ipynb #d828ca8c
 class TrainCallback:
@@ -477,21 +496,44 @@ class TrainRun:
     def unwrapped(self) -> LexVLA: return self.acc.unwrap_model(self.model)
 
 # %% ../nbs/lib/13_train.ipynb #2658c335
+def fsdp_plugin(mixed_precision: str):
+    """The FSDP2 plugin of a run launched with FSDP (`accelerate launch --config_file accelerate_fsdp_8gpu.yaml`; the
+    other settings come from accelerate's environment): parameters in bf16/fp16 for compute, but gradients reduced
+    in float32 (accelerate's default reduces them in bf16). The loss casts the model's outputs to float32 itself
+    (`lexvla.losses`); an `output_dtype` here would apply to every wrapped layer, not only to the model's output."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2: raise ValueError(f"lexvla trains with FSDP2 only (fsdp_version: 2), got fsdp_version {plugin.fsdp_version}")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if low is not None: plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    return plugin
+
 def make_accelerator(cfg: TrainConfig):
-    "The `Accelerator` of this process: precision, gradient accumulation, TensorBoard under `out_dir`, gloo DDP on CPUs."
+    """The `Accelerator` of this process: precision, gradient accumulation, TensorBoard under `out_dir`, collectives
+    that fail after `dist_timeout` seconds; several CPU processes run gloo DDP, or FSDP2 when launched with FSDP
+    (accelerate picks FSDP on accelerators only; on CPUs lexvla switches to it itself, which is how the tests run the
+    FSDP path without a GPU); several machines must run the same number of processes (`check_world`)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
     AcceleratorState._reset_state(); GradientState._reset_state()   # allow several runs (other precisions) in one process
     mp = resolve_mixed_precision(cfg.mixed_precision)
     if cfg.frozen_dtype != "float32" and mp == "no":
         raise ValueError(f"TrainConfig.frozen_dtype={cfg.frozen_dtype!r} needs mixed precision, but mixed_precision resolves to 'no'")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = fsdp_plugin(mp) if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else None
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(cfg.out_dir),
-                      step_scheduler_with_optimizer=False,
-                      cpu=launched > 1 and not torch.cuda.is_available())   # several CPU processes (torchrun): gloo DDP
+                      step_scheduler_with_optimizer=False, fsdp_plugin=plugin,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))],
+                      cpu=launched > 1 and not torch.cuda.is_available())   # several CPU processes (torchrun): gloo
+    if plugin is not None and acc.device.type == "cpu" and acc.num_processes > 1:   # as accelerate does it on GPUs:
+        acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin   # both shared states agree
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if acc.num_processes != launched:
         raise RuntimeError(f"WORLD_SIZE={launched} but accelerate runs {acc.num_processes} process(es) ({acc.distributed_type})")
+    check_world()   # several machines: the same number of processes on each
     return acc
 
 def find_resume(cfg: TrainConfig, acc, model: LexVLA | None = None) -> tuple[Path | None, dict | None]:
@@ -499,7 +541,9 @@ def find_resume(cfg: TrainConfig, acc, model: LexVLA | None = None) -> tuple[Pat
     config, if given). `resume='fresh'` moves an earlier run aside first."""
     out_dir, main = Path(cfg.out_dir), acc.is_main_process
     if main: out_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_dir(out_dir, wait=min(30.0, cfg.dist_timeout / 4))   # several processes: rank 0 writes checkpoints, every rank reads them
     ckpt = resolve_resume(cfg)
+    check_agree(ckpt and ckpt.name, f"the checkpoint to resume from in {out_dir}")
     if ckpt: check_resumable(ckpt, cfg, model.cfg if model is not None else model_config(cfg))
     elif cfg.resume == "fresh" and main and (moved := set_aside(out_dir)): print(f"resume='fresh': moved the earlier run to {moved}")
     acc.wait_for_everyone()
@@ -516,9 +560,14 @@ def prepare_model(cfg: TrainConfig, acc, model: LexVLA | None, ckpt: Path | None
     """The model to train, in train mode: `model` or the one `cfg` names, trainable weights in fp32, the checkpoint's
     trainable weights loaded, and the frozen parts cached if `cfg.cache_frozen`."""
     model = model if model is not None else _build_model(cfg, ckpt)
+    if _is_fsdp(acc) and model.text.lm is not None and model.text.use_prefix_cache():
+        raise ConfigError("TrainConfig.model: the text tower's prompt-prefix cache (TextConfig.prefix_cache) cannot train "
+                          "under FSDP, which frees each layer's weights after its forward pass while the cached prefix "
+                          "still needs them for the backward pass. Set model_overrides: {text: {prefix_cache: false}} "
+                          "(about 11% more LM compute at paper scale), or train with DDP.")
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()   # fp32 masters for AdamW
-    if ckpt and not _is_fsdp(acc): model.load_trainable(load_safetensors(ckpt / "model.safetensors"))
+    if ckpt: model.load_trainable(load_safetensors(ckpt / "model.safetensors"))   # before FSDP shards them
     if cfg.cache_frozen:
         towers = model.cache_frozen()
         if acc.is_main_process:
@@ -580,16 +629,15 @@ def optimizer_step(run: TrainRun) -> tuple[list[dict], dict]:
         with acc.accumulate(model):
             out = model(batch["image"].to(acc.device, non_blocking=True), batch["text"])
             terms = run.loss_fn(out, run.step, cfg.loss)
-            loss = terms["loss"]
-            _check_finite(acc, loss, "loss", run.step + 1, terms)
-            acc.backward(loss)
+            acc.backward(terms["loss"])
+            micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
             if acc.sync_gradients:
-                run.grad_norm = acc.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                _check_finite(acc, torch.as_tensor(run.grad_norm), "gradient norm", run.step + 1)
+                norm = acc.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                run.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor under FSDP
+                check_step(micro, run.grad_norm, run.step + 1)
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-        micro.append({k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1})
         run.samples += len(batch["text"]) * run.world
     run.step += 1
     dt = time.perf_counter() - t0
@@ -597,7 +645,6 @@ def optimizer_step(run: TrainRun) -> tuple[list[dict], dict]:
     run.window[0] += dt; run.window[1] += 1
     run.window[2] += len(batch["text"]) * run.world * cfg.gradient_accumulation_steps
     run.bar.update(1)
-    if run.main and cfg.progress: run.bar.set_postfix(loss=f"{micro[-1]['loss'].item():.4f}", refresh=False)
     return micro, out
 
 # %% ../nbs/lib/13_train.ipynb #ebd46723
@@ -605,20 +652,21 @@ def log_metrics(run: TrainRun, micro: list[dict], out: dict) -> dict:
     "Log the step's metrics, averaged over micro-batches and ranks, to the trackers and the history; returns the entry."
     acc, lexical = run.acc, run.unwrapped.cfg.head == "lexical"   # active words are logged for word vectors only
     keys = sorted(micro[0])
-    vals = torch.stack([torch.stack([m[k] for m in micro]).mean() for k in keys]).to(acc.device)
     extra = ["active_words_img", "active_words_txt"] if lexical else []
     aw = [active_words(threshold(out[m].detach().float())).float().mean() for m in ("image", "text")] if lexical else []
-    vals = torch.cat([vals, *(a.to(acc.device).reshape(1) for a in aw),
-                      torch.as_tensor(run.grad_norm, dtype=torch.float32, device=acc.device).reshape(1)])
+    vals = [torch.stack([m[k] for m in micro]).mean() for k in keys] + aw + [run.grad_norm]
+    vals = torch.stack([v.detach().float().reshape(()).to(acc.device) for v in vals])
     if run.world > 1: vals = acc.reduce(vals, reduction="mean")
-    entry = {"step": run.step, **dict(zip([*keys, *extra, "grad_norm"], vals.tolist()))}
+    logit_scale = host_tensor(run.unwrapped.logit_scale).float()   # gathered under FSDP (every rank calls log_metrics)
+    entry = {"step": run.step, **dict(zip([*keys, *extra, "grad_norm"], host_tensor(vals).tolist()))}
     for n, lr in zip(run.group_names, run.scheduler.get_last_lr()): entry.setdefault(f"lr/{n.removesuffix('_no_decay')}", lr)
-    entry["logit_scale"] = float(run.unwrapped.logit_scale.detach().float())
+    entry["logit_scale"] = logit_scale.item()
     win_t, win_steps, win_samples = run.window
     entry.update(steps_per_s=win_steps / win_t, samples_per_s=win_samples / win_t,
                  data_skipped=run.loader.counter.skipped, epoch=run.cursor.epoch)
     run.window = [0.0, 0, 0]
     run.history.append(entry)
+    if run.main and run.cfg.progress: run.bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
     acc.log({k: v for k, v in entry.items() if k != "step"}, step=run.step)
     return entry
 
@@ -646,6 +694,7 @@ def _broadcast_history(acc, history: list[dict]) -> list[dict]:
 def checkpoint_state(run: TrainRun) -> dict:
     "The state.json of a checkpoint at the run's current step."
     return {"step": run.step, "data": {"seed": run.data_seed, "position": run.cursor.position()}, "world_size": run.world,
+            "fsdp": _is_fsdp(run.acc),
             "samples_seen": run.samples, "history": run.history, "train_config": run.cfg.to_dict(), "time": time.time()}
 
 def save_run_checkpoint(run: TrainRun) -> Path:
@@ -677,9 +726,13 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     or `dense_loss` for the dense baseline: `lexvla.losses.loss_for_head`); `stop_at` pauses the
     run after that many steps in total, with a checkpoint (the schedule still runs to `cfg.max_steps`); `callbacks`
     (`TrainCallback`s) run after each step and before each checkpoint is committed.
-    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once."""
+    The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once. With
+    several processes, an error of this rank is reported to the others, and a collective that fails (a rank lost, or
+    silent for `cfg.dist_timeout` s) raises `LostRankError` naming the ranks that failed or were lost (17_multinode)."""
     main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
-    with locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
+    follow_launcher()   # started by torchrun: die with the launcher, as the rest of this machine would
+    report = FailureReport.connect(grace=min(30.0, cfg.dist_timeout / 4))
+    with report or contextlib.nullcontext(), locked_dir(cfg.out_dir, "training run") if main_process else contextlib.nullcontext():
         run = init_run(cfg, eval_fn, model, loss_fn, stop_at, callbacks)
         try:
             while run.step < run.end:
@@ -712,19 +765,36 @@ def load_callback(spec: str) -> TrainCallback:
 
 # %% ../nbs/lib/13_train.ipynb #63954a6b
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:
-    "Command line: python -m lexvla.train --config cfg.yaml [--set key=value ...] [--callback module:name ...] [--print-config]."
+    """Command line: python -m lexvla.train --config cfg.yaml [--set key=value ...] [--callback module:name ...]
+    [--print-config] trains in this process; with --num_processes (and, for several machines, --num_machines,
+    --machine_rank, --main_address, --main_port) it launches this machine's processes with `accelerate launch`."""
     p = argparse.ArgumentParser(prog="python -m lexvla.train",
-                                description="Train LexVLA (one stage; DDP/FSDP through `accelerate launch -m lexvla.train`).")
+                                description="Train LexVLA (one stage). With --num_processes it runs `accelerate launch` for "
+                                            "this machine's processes (one per GPU), on one machine or on several.")
     p.add_argument("--config", required=True, help="TrainConfig file (.yaml/.yml/.json), e.g. lexvla/configs/paper_cc12m.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, dotted for nested ones, value as YAML (repeatable): --set data.batch_size=64")
     p.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="MODULE:NAME",
                    help="a TrainCallback to run, by import path (repeatable): --callback my_hooks:notes")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    g = p.add_argument_group("launching (accelerate launch: one launcher per machine)")
+    g.add_argument("--num_processes", type=int, help="processes on this machine, one per GPU; launches them")
+    g.add_argument("--num_machines", type=int, default=1, help="machines in the run (default 1)")
+    g.add_argument("--machine_rank", type=int, default=0, help="this machine's rank, 0 .. num_machines-1; 0 is the main machine")
+    g.add_argument("--main_address", default="127.0.0.1", help="the main machine's host name or IP, the same on every machine")
+    g.add_argument("--main_port", type=int, default=0, help="its rendezvous port, the same on every machine (0: a free one, one machine only)")
     args = p.parse_args(argv)
     cfg = TrainConfig.from_file(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
+        return None
+    if args.num_processes is not None or args.num_machines != 1:   # the launcher of this machine
+        try:
+            machines = Machines(args.num_machines, args.machine_rank, args.main_address, args.main_port)
+            check_processes(args.num_processes or 1)
+            launch_training(args.config, args.num_processes or 1, resolve_mixed_precision(cfg.mixed_precision),
+                            callbacks=args.callbacks, machines=machines, overrides=args.overrides)
+        except (LaunchError, ValueError) as e: raise SystemExit(f"lexvla.train: {e}") from None   # ConfigError is a ValueError
         return None
     res = train(cfg, callbacks=[load_callback(c) for c in args.callbacks])
     from accelerate import PartialState
@@ -764,51 +834,61 @@ def check_processes(num_processes: int) -> str:
 
 # %% ../nbs/lib/13_train.ipynb #fd8059cc
 class LaunchError(RuntimeError):
-    "A launched training run failed: the failing process's `rank` and `exitcode` (negative: killed by that signal)."
+    "A launched training run failed: the failing process's `rank` (global) and `exitcode` (negative: killed by that signal)."
     def __init__(self, message: str, rank: int | None = None, exitcode: int | None = None):
         super().__init__(message)
         self.rank, self.exitcode = rank, exitcode
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-def launch_command(program: Sequence[str], num_processes: int = 1, mixed_precision: str = "no") -> list[str]:
-    "`python <program>` for one process; for more, `accelerate launch <program>` (torchrun, every line tagged with its rank)."
+def launch_command(program: Sequence[str], num_processes: int = 1, mixed_precision: str = "no",
+                   machines: Machines | None = None, join_timeout: float = 600.0) -> list[str]:
+    """`python <program>` for one process on one machine; else `accelerate launch <program>` (torchrun, every line
+    tagged with its rank) with `num_processes` processes on this machine and the flags of `machines` (17_multinode:
+    `launch_flags`; `join_timeout`: seconds the machines have to meet)."""
     import sys
-    if num_processes == 1: return [sys.executable, *program]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "--tee", "3", *program]
+    machines = machines or Machines()
+    if num_processes == 1 and machines.num_machines == 1: return [sys.executable, *program]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *launch_flags(machines, num_processes, join_timeout),
+            "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--tee", "3", *program]
 
-_RANKED = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")        # torchrun --tee: "[default3]:a line of rank 3"
+_RANKED = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")        # torchrun --tee: "[default3]:a line of local rank 3"
 _BAR = re.compile(r"\|\s*\d+/\d+ \[")                       # a tqdm progress line: "...| 12/9000 [00:10<..."
 
-def _root_cause(lines: Sequence[str]) -> tuple[int | None, int | None]:
-    "Rank and exit code of torchrun's 'Root Cause (first observed failure)' section, if it printed one."
+def _root_cause(lines: Sequence[str]) -> tuple[int | None, int | None, int | None]:
+    "Global rank, local rank and exit code of torchrun's 'Root Cause (first observed failure)' section, if it printed one."
     text = "\n".join(lines)
     at = text.rfind("Root Cause")
-    if at < 0: return None, None
-    rank, code = re.search(r"rank\s*:\s*(\d+)", text[at:]), re.search(r"exitcode\s*:\s*(-?\d+)", text[at:])
-    return (int(rank[1]) if rank else None), (int(code[1]) if code else None)
+    if at < 0: return None, None, None
+    g = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)", text[at:])
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", text[at:])
+    return (int(g[1]) if g else None), (int(g[2]) if g else None), (int(code[1]) if code else None)
 
 def _last_traceback(lines: Sequence[str], n: int = 12) -> str:
     "From the last 'Traceback' line to the end, else the last `n` lines."
     starts = [i for i, l in enumerate(lines) if l.startswith("Traceback (most recent call last)")]
     return "\n".join(lines[starts[-1]:] if starts else lines[-n:])
 
+def _signal_name(code: int | None) -> str:
+    how = f"exit code {code}" if code is not None else "a failure"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError): how += f" ({signal.Signals(-code).name})"
+    return how
+
 def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str] | None = None,
-                 progress_every: float = 60.0, keep: int = 200) -> None:
+                 progress_every: float = 60.0, keep: int = 200, machines: Machines | None = None) -> None:
     """Run a `launch_command`, printing its output as it comes; `LaunchError` with the failing rank's own error if
-    any process fails. `env` adds environment variables (a PYTHONPATH for callbacks, for example)."""
+    any process fails (or, if the launcher failed before its ranks started, what went wrong: 17_multinode's
+    `explain_launch_failure`). `num_processes` are this machine's, `machines` the run's machines; `env` adds
+    environment variables (a PYTHONPATH for callbacks, for example)."""
     import collections, subprocess
     import lexvla
+    machines = machines or Machines()
+    first, world = machines.first_rank(num_processes), num_processes * machines.num_machines
+    several = machines.num_machines > 1
+    on = f" on machine {machines.machine_rank} of {machines.num_machines}" if several else ""
     pkg_root = str(Path(lexvla.__file__).resolve().parents[1])   # the processes import this same lexvla
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     e["PYTHONPATH"] = os.pathsep.join([pkg_root, *([e["PYTHONPATH"]] if e.get("PYTHONPATH") else [])])
-    per_rank: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=keep))
+    per_rank: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=keep))   # by local rank
     launcher: collections.deque = collections.deque(maxlen=keep)
     first_traceback: int | None = None
     last_bar, held = 0.0, None
@@ -818,7 +898,7 @@ def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str]
         for line in proc.stdout:   # text mode reads universal newlines: a progress bar's '\r' refresh is a line too
             line = line.rstrip("\n")
             m = _RANKED.match(line)
-            rank, text = (int(m[1]), m[2]) if m else (0 if num_processes == 1 else None, line)
+            rank, text = (int(m[1]), m[2]) if m else (0 if world == 1 else None, line)
             (per_rank[rank] if rank is not None else launcher).append(text)
             if rank is not None and first_traceback is None and text.startswith("Traceback (most recent call last)"):
                 first_traceback = rank
@@ -836,22 +916,31 @@ def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str]
         raise
     if held: print(held, flush=True)
     if code == 0: return
-    rank, rcode = (0, code) if num_processes == 1 else _root_cause(launcher)
-    if rank is None: rank = first_traceback
-    how = f"exit code {rcode}" if rcode is not None else "a failure"
-    if rcode is not None and rcode < 0:
-        with contextlib.suppress(ValueError): how += f" ({signal.Signals(-rcode).name})"
-    lines = list(per_rank.get(rank, [])) if rank is not None else list(launcher)
-    who = f"rank {rank} of {num_processes}" if rank is not None else f"one of {num_processes} processes"
-    raise LaunchError(f"training failed: {who} ended with {how}; its output ends with:\n{_last_traceback(lines)}",
-                      rank, rcode)
+    if not per_rank and (why := explain_launch_failure("\n".join(launcher), machines)):
+        last = next((l for l in reversed(launcher) if re.match(r"^[\w.]+(Error|Exception)\b", l)), "")
+        raise LaunchError(f"training did not start{on}: {why}.\n{last}", None, code)
+    rank, local, rcode = (0, 0, code) if world == 1 else _root_cause(launcher)
+    if local is None and first_traceback is not None: rank, local = first + first_traceback, first_traceback
+    if local is None:   # no rank reported a failure: the launcher itself ended (killed, or failed before its ranks ran)
+        raise LaunchError(f"training failed{on}: the launcher ended with {_signal_name(code)} before any of its processes "
+                          f"reported a failure; its output ends with:\n{_last_traceback(list(launcher) or ['(nothing)'])}", None, code)
+    who = f"rank {rank} (process {local} of this machine's {num_processes})" if several else f"rank {rank} of {world}"
+    raise LaunchError(f"training failed{on}: {who} ended with {_signal_name(rcode)}; its output ends with:\n"
+                      f"{_last_traceback(list(per_rank.get(local, [])))}", rank, rcode)
 
 def launch_training(config_file: str | Path, num_processes: int = 1, mixed_precision: str = "no",
-                    env: dict[str, str] | None = None, progress_every: float = 60.0, callbacks: Sequence[str] = ()) -> None:
-    """Train the TrainConfig file `config_file` in `num_processes` processes (see `run_launched`), with the
-    `callbacks` named by import path ('package.module:name', see `load_callback`)."""
-    program = ["-m", "lexvla.train", "--config", str(config_file), *(a for c in callbacks for a in ("--callback", c))]
-    run_launched(launch_command(program, num_processes, mixed_precision), num_processes, env, progress_every)
+                    env: dict[str, str] | None = None, progress_every: float = 60.0, callbacks: Sequence[str] = (),
+                    machines: Machines | None = None, overrides: Sequence[str] = ()) -> None:
+    """Train the TrainConfig file `config_file` (with `key=value` `overrides`) in `num_processes` processes on this
+    machine, one of `machines` (see `run_launched`), with the `callbacks` named by import path ('package.module:name',
+    see `load_callback`). Machines have the run's `dist_timeout` to join."""
+    machines = machines or Machines()
+    check_machines(machines)
+    cfg = TrainConfig.from_file(config_file, overrides)
+    program = ["-m", "lexvla.train", "--config", str(config_file), *(a for o in overrides for a in ("--set", o)),
+               *(a for c in callbacks for a in ("--callback", c))]
+    run_launched(launch_command(program, num_processes, mixed_precision, machines, cfg.dist_timeout), num_processes, env,
+                 progress_every, machines=machines)
 
 # %% ../nbs/lib/13_train.ipynb #4f81b44b
 if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "lexvla.train":

@@ -18,8 +18,8 @@ from .codebook import Codebook, elu1p
 from .config import VisionConfig
 
 # %% auto #0
-__all__ = ['to_rgb', 'resize_center_crop', 'preprocess', 'array_image', 'Adapter', 'TokenCache', 'PatchEncoder', 'VisionEncoder',
-           'DenseVisionEncoder']
+__all__ = ['to_rgb', 'resize_center_crop', 'image_bytes', 'normalise', 'preprocess', 'array_image', 'Adapter', 'TokenCache',
+           'PatchEncoder', 'VisionEncoder', 'DenseVisionEncoder']
 
 # %% ../nbs/lib/05_vision.ipynb #345ba471
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -32,23 +32,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    "Resize the shorter side to `size` (bicubic), then crop the central size×size square."
+    """Resize the shorter side to `size` (bicubic), then crop the central size×size square. Only the region the crop
+    keeps is resampled (PIL's `resize(box=...)`): the same pixels as resizing the whole image and cropping, to within
+    rounding (below), without resampling what the crop throws away."""
     w, h = img.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 0.5 else None)
     l, t = (nw - size) // 2, (nh - size) // 2
-    return img.crop((l, t, l + size, t + size))
+    if (nw, nh) == (w, h): return img.crop((l, t, l + size, t + size))     # no resampling at all
+    sx, sy = w / nw, h / nh                                                 # source pixels per resized pixel
+    return img.resize((size, size), Image.BICUBIC, box=(l * sx, t * sy, (l + size) * sx, (t + size) * sy),
+                      reducing_gap=3.0 if s < 0.5 else None)
+
+def image_bytes(img: Image.Image, size: int) -> Tensor:
+    "A PIL image of any mode and size -> its resized, centre-cropped RGB pixels as a uint8 [3, size, size] tensor."
+    if img.width < 1 or img.height < 1: raise ValueError(f"image has no pixels: size {img.size}")
+    return torch.from_numpy(np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    "uint8 pixels [..., 3, H, W] (0-255) -> float32 (x/255 - mean)/std, computed on x's device."
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255 - m) / s
 
 def preprocess(img: Image.Image | Tensor | np.ndarray, size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
                std: Sequence[float] = (0.229, 0.224, 0.225)) -> Tensor:
     "A PIL image of any mode and size, a [3,H,W]/[H,W] tensor, or a NumPy [H,W,C]/[H,W] array -> normalised [3, size, size]."
     if isinstance(img, np.ndarray): img = array_image(img)
-    if isinstance(img, Image.Image):
-        if img.width < 1 or img.height < 1: raise ValueError(f"image has no pixels: size {img.size}")
-        x = torch.from_numpy(np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.uint8).copy())
-        x = x.permute(2, 0, 1).float() / 255
-    elif isinstance(img, Tensor):
+    if isinstance(img, Image.Image): return normalise(image_bytes(img, size), mean, std)
+    if isinstance(img, Tensor):
         if img.ndim == 2: img = img.unsqueeze(0).expand(3, -1, -1)
         if img.ndim != 3 or img.shape[0] not in (1, 3):
             raise ValueError(f"image tensor must be [3, H, W] or [H, W], got shape {tuple(img.shape)}")
@@ -155,10 +167,14 @@ class PatchEncoder(nn.Module):
     def device(self) -> torch.device: return self.adapter.mlp[0].weight.device
 
     def check_pixels(self, x: Tensor) -> Tensor:
+        """A pixel batch [B, 3, S, S] on this tower's device, normalised: float batches are taken as normalised already
+        (what `preprocess` gives), uint8 ones as raw 0-255 pixels (what the training loader sends: a quarter of the
+        bytes) and are normalised here, on the device."""
         S = self.cfg.image_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (S, S):
             raise ValueError(f"pixel tensor must be [B, 3, {S}, {S}] (use model.preprocess), got {tuple(x.shape)}")
-        return x.to(self.device)
+        x = x.to(self.device, non_blocking=True)
+        return normalise(x, self.cfg.mean, self.cfg.std) if x.dtype == torch.uint8 else x
 
     def cache_tokens(self, on: bool = True) -> None:
         "Keep the frozen backbone's patch tokens of every image seen (`on`), or drop the cache (`on=False`)."

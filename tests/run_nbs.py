@@ -29,11 +29,9 @@ ENV = {
     "TRANSFORMERS_VERBOSITY": "error",       # no "Some weights were not initialized ..." advisories
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",       # no fork warning from the Rust tokenizers
-    # warnings that say nothing about the notebook: tqdm.auto without ipywidgets, deprecations inside transformers
-    # and torch's "beta" notice (a -W filter matches the start of the message; no commas inside one)
-    "PYTHONWARNINGS": ",".join(["ignore:IProgress not found", "ignore:`past_key_values` is deprecated:FutureWarning",
-                                "ignore:`gradient_checkpointing_:FutureWarning",
-                                "ignore:Sparse CSR tensor support is in beta:UserWarning"]),
+    # warnings that say nothing about the notebook: tqdm.auto without ipywidgets and torch's "beta" notice (a -W
+    # filter matches the start of the message; no commas inside one). Deprecation notices are fixed, never filtered.
+    "PYTHONWARNINGS": ",".join(["ignore:IProgress not found", "ignore:Sparse CSR tensor support is in beta:UserWarning"]),
     "PYTHONHASHSEED": "0",                   # set iteration order, so that a re-run prints the same
 }
 
