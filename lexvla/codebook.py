@@ -16,8 +16,10 @@ __all__ = ['elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'chunked_max_sc
 
 # %% ../nbs/lib/03_codebook.ipynb #3dfb6fc9
 def elu1p(x: Tensor) -> Tensor:
-    "ELU(x) + 1: a positive, smooth, monotone map from scores to word weights."
-    return F.elu(x) + 1
+    """ELU(x) + 1: a positive, smooth, monotone map from scores to word weights; x + 1 above 0, exp(x) below.
+    Computed piecewise: F.elu(x) + 1 rounds exp(x) - 1 + 1 to exactly 0 in float32 below x = -17, which kills
+    both the weight and its gradient."""
+    return torch.where(x > 0, x + 1, torch.exp(x.clamp(max=0)))
 
 # %% ../nbs/lib/03_codebook.ipynb #6801b244
 def codebook_rows(lm: nn.Module, ids: Sequence[int], source: str = "lm_head") -> Tensor:
