@@ -15,23 +15,28 @@ from torch import Tensor
 
 from .patchdis import ConfusionMatrix, SegmentationSet, evaluate_patchdis, load_voc
 from .retrieval import RetrievalSet, chance_recall, encode_images, encode_texts, load_karpathy, recall_at_k
+from .scenes import tokenize
 from .sparse import threshold
-from .text import content_words
-from .vocab import Vocabulary
+from .vocab import FUNCTION_WORDS, Vocabulary
 
 # %% auto #0
-__all__ = ['ENGLISH_FUNCTION_WORDS', 'LEXICAL_METRICS', 'word_indices', 'false_activation_share', 'chance_false_share',
+__all__ = ['LEXICAL_METRICS', 'caption_words', 'word_indices', 'false_activation_share', 'chance_false_share',
            'word_precision_at_k', 'chance_word_precision', 'function_word_indices', 'function_word_mass',
            'chance_function_word_mass', 'most_active_words', 'chance_miou', 'evaluate_world']
 
 # %% ../nbs/lib/14_evaluate.ipynb #b531794c
+def caption_words(captions: Sequence[str]) -> list[str]:
+    "The true words of an image: every word any of its `captions` contains (lower-cased letters, `lexvla.scenes.tokenize`), sorted."
+    return sorted({w for c in captions for w in tokenize(c)})
+
 def word_indices(words: Sequence[str], vocab: Vocabulary) -> list[int]:
     "Vocabulary positions of the words that are in the vocabulary."
     return sorted({j for j in (vocab.index(w) for w in words) if j is not None})
 
 def false_activation_share(vecs: Tensor, true_words: Sequence[Sequence[str]], vocab: Vocabulary,
                            sparsify=threshold) -> Tensor:
-    """For each vector, the share of its (sparsified) mass on words outside its true words: [B] in [0, 1].
+    """For each vector, the share of its (sparsified, default 1/√V) mass on words outside its true words
+    (`caption_words` of its captions): [B] in [0, 1].
 
     A vector with no mass left after sparsification counts as 1 (all of nothing is on true words)."""
     if len(vecs) != len(true_words): raise ValueError(f"{len(vecs)} vectors but {len(true_words)} word lists")
@@ -59,27 +64,12 @@ def chance_word_precision(true_words: Sequence[Sequence[str]], vocab: Vocabulary
     return float(np.mean([len(word_indices(ws, vocab)) / len(vocab) for ws in true_words]))
 
 # %% ../nbs/lib/14_evaluate.ipynb #74ea88f2
-ENGLISH_FUNCTION_WORDS: frozenset[str] = frozenset("""
-a an the
-i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it its itself
-we us our ours ourselves they them their theirs themselves this that these those who whom whose which what
-whoever whatever someone somebody something anyone anybody anything everyone everybody everything no-one nobody
-nothing
-of to in on at by for with from into onto about across after against along among around before behind beside
-besides between beyond despite during except inside near off out outside past per since through throughout till
-toward towards underneath until up upon via within without down
-and or but nor yet so because although though while whereas if unless whether than as when whenever where
-wherever both either neither
-be am is are was were been being have has had having do does did doing can could may might must shall should
-will would ought""".split())
-"English function words (articles, pronouns, prepositions, conjunctions, auxiliaries), minus the scene world's content words."
-
-def function_word_indices(vocab: Vocabulary, words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> list[int]:
+def function_word_indices(vocab: Vocabulary, words: frozenset[str] = FUNCTION_WORDS) -> list[int]:
     "Positions of the vocabulary entries whose stripped, lower-cased form is in `words` (every case variant)."
     return [j for j, w in enumerate(vocab.words) if w.strip().lower() in words]
 
 def function_word_mass(vecs: Tensor, vocab: Vocabulary, sparsify=None,
-                       words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> float:
+                       words: frozenset[str] = FUNCTION_WORDS) -> float:
     """Mean over the vectors [B, V] of the share of each one's mass on function words (0 for a vector without mass).
 
     `sparsify` (e.g. `lexvla.sparse.threshold`) is applied first; non-negative vectors are assumed."""
@@ -90,7 +80,7 @@ def function_word_mass(vecs: Tensor, vocab: Vocabulary, sparsify=None,
     fw = v[:, function_word_indices(vocab, words)].sum(-1)
     return float(torch.where(total > 0, fw / total.clamp_min(1e-12), torch.zeros_like(total)).mean())
 
-def chance_function_word_mass(vocab: Vocabulary, words: frozenset[str] = ENGLISH_FUNCTION_WORDS) -> float:
+def chance_function_word_mass(vocab: Vocabulary, words: frozenset[str] = FUNCTION_WORDS) -> float:
     "Function-word mass of a vector spread evenly over the whole vocabulary: the share of entries that are function words."
     return len(function_word_indices(vocab, words)) / len(vocab)
 
@@ -128,9 +118,9 @@ def _subset(ds: RetrievalSet, n: int | None) -> RetrievalSet:
     return RetrievalSet.from_lists(ds.images[:n], caps, ds.name)
 
 def _true_words(karpathy_json: Path, split: str, n: int) -> list[list[str]]:
-    "Content words of all captions of each image of `split`, in file order."
+    "The true words (`caption_words`) of each image of `split`, in file order."
     entries = [e for e in json.loads(Path(karpathy_json).read_text())["images"] if e.get("split") == split][:n]
-    return [sorted({w for s in e["sentences"] for w in content_words(s["raw"])}) for e in entries]
+    return [caption_words([s["raw"] for s in e["sentences"]]) for e in entries]
 
 LEXICAL_METRICS = ("active_words", "active_words_txt", "false_activation_share", "word_precision@5",
                    "function_word_mass", "function_word_mass_text")

@@ -16,14 +16,15 @@ from torch import Tensor
 from .core import package_path
 from .patchdis import SegmentationSet, load_ade20k, load_voc
 from .retrieval import RetrievalSet, encode_images, encode_texts, find_karpathy, load_karpathy
+from .evaluate import caption_words
 from .scenes import WorldInfo, build_world, load_world
-from .text import content_words
 
 # %% auto #0
 __all__ = ['RECIPE_ARGS', 'BENCHMARKS', 'SPARSITY', 'get_world', 'recipe_file', 'recipe_config', 'train_on_world',
-           'is_checkpoint', 'find_checkpoint', 'load_or_train', 'SplitVectors', 'true_words', 'encode_split',
-           'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks', 'evaluate_benchmarks', 'table1',
-           'table2', 'write_benchmark_tables', 'benchmark_figures']
+           'is_checkpoint', 'find_checkpoint', 'load_or_train', 'mean_pairwise_cosine', 'group_grad_norms',
+           'start_diagnostics', 'leaves_chance', 'SplitVectors', 'true_words', 'encode_split', 'markdown_table',
+           'save_table', 'require_checkpoint', 'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2',
+           'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/lib/15_experiments.ipynb #40bb5d1d
 def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, seed: int = 0,
@@ -43,7 +44,8 @@ RECIPE_ARGS: dict[str, tuple[str, ...]] = {   # recipe_config's short names -> t
     "lambda_flops": ("loss.lambda_flops",), "lambda_overuse": ("loss.lambda_overuse",),
     "use_overuse": ("loss.use_overuse",), "overuse": ("loss.overuse",), "overuse_on": ("loss.overuse_on",),
     "overuse_min_share": ("loss.overuse_min_share",), "seed": ("seed", "data.seed"), "save_every": ("save_every",),
-    "progress": ("progress",), "resume": ("resume",), "cache_frozen": ("cache_frozen",)}
+    "progress": ("progress",), "resume": ("resume",), "cache_frozen": ("cache_frozen",), "log_every": ("log_every",),
+    "lr_logit_scale": ("lr_logit_scale",)}
 
 def recipe_file(recipe: str | Path) -> Path:
     "A training-recipe file: a `.yaml`/`.json` path, or the name of one shipped in `lexvla/configs/` (e.g. 'main_job')."
@@ -101,6 +103,46 @@ def load_or_train(path: str | Path, world_root: str | Path, fallback_dir: str | 
         return res.model.eval(), res.checkpoint
     return from_pretrained(ck), ck
 
+# %% ../nbs/lib/15_experiments.ipynb #b0f732ce
+def mean_pairwise_cosine(x: Tensor) -> float:
+    "Mean cosine similarity over all pairs i != j of the rows of `x` [B, D] (1: every row points the same way)."
+    if x.dim() != 2 or len(x) < 2: raise ValueError(f"mean_pairwise_cosine needs [B, D] with B >= 2, got {tuple(x.shape)}")
+    x = torch.nn.functional.normalize(x.detach().float(), dim=-1)
+    s, B = x @ x.T, len(x)
+    return float((s.sum() - s.diagonal().sum()) / (B * (B - 1)))
+
+def group_grad_norms(model) -> dict[str, float]:
+    "The L2 norm of the gradient of each trainable part (`LexVLA.param_groups`), after a backward pass (0 without one)."
+    return {g: float(torch.sqrt(sum(((p.grad.float() ** 2).sum() for p in ps if p.grad is not None), torch.tensor(0.0))))
+            for g, ps in model.param_groups().items()}
+
+def start_diagnostics(model, images: Tensor, texts, loss_cfg=None) -> dict[str, float]:
+    """What the objective sees at step 0 on one batch: the mean pairwise cosine of the image and of the text vectors,
+    the mean cosine of the matching pairs minus that of all pairs, the contrastive loss `nce` beside ln B, the mean
+    active words of images (lexical head), and the gradient norm reaching each trainable part (`grad_<part>`).
+    One forward and backward pass in train mode; the gradients are cleared afterwards."""
+    import math
+    from lexvla.losses import LossConfig, loss_for_head
+    from lexvla.sparse import threshold
+    was_training = model.training
+    model.train(); model.zero_grad(set_to_none=True)
+    out = model(images, list(texts))
+    terms = loss_for_head(model.cfg.head)(out, 0, loss_cfg or LossConfig())
+    terms["loss"].backward()
+    img, txt = out["image"].detach().float(), out["text"].detach().float()
+    sim = img @ txt.T
+    d = {"image_cos": mean_pairwise_cosine(img), "text_cos": mean_pairwise_cosine(txt),
+         "pair_margin": float(sim.diagonal().mean() - sim.mean()), "nce": float(terms["nce"]), "ln_B": math.log(len(img)),
+         "active_words": float((threshold(img) > 0).sum(-1).float().mean()) if model.cfg.head == "lexical" else float("nan")}
+    d |= {f"grad_{g}": v for g, v in group_grad_norms(model).items()}
+    model.zero_grad(set_to_none=True); model.train(was_training)
+    return d
+
+def leaves_chance(history: Sequence[dict], batch_size: int, margin: float = 0.1) -> int | None:
+    "The first logged step whose contrastive loss `nce` is below ln(batch_size) - `margin`; None if none is."
+    import math
+    return next((h["step"] for h in history if "nce" in h and h["nce"] < math.log(batch_size) - margin), None)
+
 # %% ../nbs/lib/15_experiments.ipynb #45101772
 @dataclass
 class SplitVectors:
@@ -114,8 +156,8 @@ class SplitVectors:
     def text_to_image(self) -> tuple[int, ...]: return self.dataset.text_to_image
 
 def true_words(ds: RetrievalSet) -> list[list[str]]:
-    "Content words of all captions of each image of `ds`."
-    return [sorted({w for j in js for w in content_words(ds.captions[j])}) for js in ds.image_to_texts]
+    "The true words of each image of `ds`: `lexvla.evaluate.caption_words` of its captions."
+    return [caption_words([ds.captions[j] for j in js]) for js in ds.image_to_texts]
 
 @torch.no_grad()
 def encode_split(model, world_root: str | Path, split: str = "test", batch_size: int = 64,

@@ -20,13 +20,15 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .data import write_shards
+from .vocab import FUNCTION_WORDS
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'SYNONYMS', 'CLASSES', 'RELATIONS', 'COUNT_WORDS', 'FUNCTION_WORDS',
+__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'SYNONYMS', 'CLASSES', 'RELATIONS', 'COUNT_WORDS', 'TEMPLATE_WORDS',
            'CONTENT_WORDS', 'SPLITS', 'WORLD_VERSION', 'surface', 'plural', 'position_words', 'relations',
-           'SceneConfig', 'heldout_pairs', 'SceneObject', 'SceneSpec', 'sample_scene', 'shape_layer', 'render_layers',
-           'render_scene', 'captions_for', 'tokenize', 'canonical_words', 'scene_words', 'Scene', 'make_scene',
-           'scene_meta', 'voc_palette', 'WorldInfo', 'load_world', 'build_world', 'show_scenes', 'world_stats']
+           'SceneConfig', 'heldout_pairs', 'val_heldout_pairs', 'SceneObject', 'SceneSpec', 'sample_scene',
+           'shape_layer', 'render_layers', 'render_scene', 'captions_for', 'tokenize', 'canonical_words', 'scene_words',
+           'Scene', 'split_pairs', 'make_scene', 'scene_meta', 'voc_palette', 'WorldInfo', 'load_world', 'build_world',
+           'show_scenes', 'world_stats']
 
 # %% ../nbs/lib/12_scenes.ipynb #5007bf34
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart",
@@ -96,8 +98,10 @@ class SceneConfig:
     large_radius: float = 0.16
     jitter: float = 0.035            # max shift of an object's centre from its cell centre, fraction of image_size
     colour_jitter: int = 8           # max per-channel shift of an object's colour
-    heldout_frac: float = 0.15       # fraction of the (colour, shape) pairs held out of training
+    heldout_frac: float = 0.15       # fraction of the (colour, shape) pairs held out of training for the test split
     heldout_seed: int = 0
+    val_heldout_frac: float = 0.15   # fraction held out of training for the validation split (disjoint from test's)
+    val_heldout_seed: int = 1
     captions_per_image: int = 5
     jpeg_quality: int = 90
     samples_per_shard: int = 1000
@@ -107,22 +111,34 @@ class SceneConfig:
         if not 1 <= self.min_objects <= self.max_objects <= 9:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}")
         if not 0 <= self.heldout_frac < 0.5: raise ValueError(f"heldout_frac={self.heldout_frac} must be in [0, 0.5)")
+        if not 0 <= self.val_heldout_frac < 0.5 - self.heldout_frac:
+            raise ValueError(f"val_heldout_frac={self.val_heldout_frac} must be in [0, 0.5 - heldout_frac)")
         if self.captions_per_image < 1: raise ValueError(f"captions_per_image={self.captions_per_image} must be >= 1")
 
 # %% ../nbs/lib/12_scenes.ipynb #e63b83c5
-@functools.lru_cache(maxsize=16)
-def heldout_pairs(cfg: SceneConfig = SceneConfig()) -> tuple[tuple[str, str], ...]:
-    "The (colour, shape) pairs that training images never contain; each colour and shape at most twice."
-    rng = np.random.default_rng([cfg.heldout_seed, 7919])
+def _draw_pairs(rng: np.random.Generator, frac: float, exclude: frozenset = frozenset()) -> tuple[tuple[str, str], ...]:
+    "round(frac * 100) (colour, shape) pairs outside `exclude`, in `rng`'s order; each colour and shape at most twice."
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    n = round(cfg.heldout_frac * len(pairs))
+    n = round(frac * len(pairs))
     per_colour, per_shape, out = {}, {}, []
     for i in rng.permutation(len(pairs)):
         c, s = pairs[i]
         if len(out) == n: break
-        if per_colour.get(c, 0) < 2 and per_shape.get(s, 0) < 2:
+        if (c, s) not in exclude and per_colour.get(c, 0) < 2 and per_shape.get(s, 0) < 2:
             out.append((c, s)); per_colour[c] = per_colour.get(c, 0) + 1; per_shape[s] = per_shape.get(s, 0) + 1
+    if len(out) < n: raise ValueError(f"could not draw {n} held-out pairs (each colour and shape at most twice)")
     return tuple(sorted(out))
+
+@functools.lru_cache(maxsize=16)
+def heldout_pairs(cfg: SceneConfig = SceneConfig()) -> tuple[tuple[str, str], ...]:
+    "The (colour, shape) pairs of the test split, which training images never contain; each colour and shape at most twice."
+    return _draw_pairs(np.random.default_rng([cfg.heldout_seed, 7919]), cfg.heldout_frac)
+
+@functools.lru_cache(maxsize=16)
+def val_heldout_pairs(cfg: SceneConfig = SceneConfig()) -> tuple[tuple[str, str], ...]:
+    "The validation split's held-out pairs: disjoint from `heldout_pairs(cfg)`, never in training; at most twice per colour and shape."
+    return _draw_pairs(np.random.default_rng([cfg.val_heldout_seed, 7919, 1]), cfg.val_heldout_frac,
+                       frozenset(heldout_pairs(cfg)))
 
 # %% ../nbs/lib/12_scenes.ipynb #17712b5a
 @dataclass(frozen=True)
@@ -162,16 +178,20 @@ def _pick_pair(rng: np.random.Generator, banned: frozenset) -> tuple[str, str]:
         if pair not in banned: return pair
 
 def sample_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig(),
-                 heldout: Sequence[tuple[str, str]] = (), unseen: bool = False) -> SceneSpec:
-    "Draw a random scene. `unseen=False`: no object is in `heldout`; `unseen=True`: at least one object is."
+                 heldout: Sequence[tuple[str, str]] = (), unseen: bool = False,
+                 banned: Sequence[tuple[str, str]] = ()) -> SceneSpec:
+    """Draw a random scene. `unseen=False`: no object is in `heldout`; `unseen=True`: at least one object is.
+    No object is in `banned`."""
     if unseen and not heldout: raise ValueError("unseen=True needs a non-empty `heldout` list of (colour, shape) pairs")
-    S, banned = cfg.image_size, frozenset(heldout)
+    if set(map(tuple, heldout)) & set(map(tuple, banned)): raise ValueError("a pair cannot be both held out and banned")
+    S, never = cfg.image_size, frozenset(map(tuple, banned))
+    banned = never | frozenset(map(tuple, heldout))
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     cells = rng.choice(9, size=n, replace=False)
     forced = int(rng.integers(n)) if unseen else -1
     objects = []
     for k, cell in enumerate(cells):
-        pair = tuple(heldout[rng.integers(len(heldout))]) if k == forced else _pick_pair(rng, frozenset() if unseen else banned)
+        pair = tuple(heldout[rng.integers(len(heldout))]) if k == forced else _pick_pair(rng, never if unseen else banned)
         size = SIZES[rng.integers(2)]
         r = (cfg.small_radius if size == "small" else cfg.large_radius) * S
         row, col = divmod(int(cell), 3)
@@ -325,9 +345,8 @@ def tokenize(caption: str) -> list[str]:
 # %% ../nbs/lib/12_scenes.ipynb #bb1f7f04
 def _rel_words(rel: str) -> set[str]: return {w for p in RELATIONS[rel] for w in tokenize(p)} - FUNCTION_WORDS
 
-FUNCTION_WORDS: frozenset[str] = frozenset(
-    "a an the of and on in at to there is only image picture drawing objects shapes object shape background corner".split())
-"Words of the caption templates that carry no content of a particular image."
+TEMPLATE_WORDS: frozenset[str] = frozenset("image picture drawing objects shapes object shape background corner".split())
+"Generic nouns of the caption templates: they name no content of a particular image."
 
 CONTENT_WORDS: frozenset[str] = frozenset(
     {w for c in (*SHAPES, *COLOURS, *SIZES, *BACKGROUNDS, "center") for w in surface(c)}
@@ -354,7 +373,7 @@ def scene_words(spec: SceneSpec) -> set[str]:
 
 # %% ../nbs/lib/12_scenes.ipynb #57ed0b43
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-"Split name -> stream id. train and val: seen pairs only; test: every image holds at least one held-out pair."
+"Split name -> stream id. train: seen pairs only; val: every image holds a validation pair; test: a test pair."
 
 @dataclass(frozen=True)
 class Scene:
@@ -370,11 +389,20 @@ class Scene:
     @property
     def name(self) -> str: return f"scenes_{self.split}_{self.index:06d}"
 
+def split_pairs(split: str, cfg: SceneConfig = SceneConfig()) -> tuple[tuple, tuple]:
+    "(held-out pairs, banned pairs) of `split`: train bans both held-out sets, val and test each need a pair of their own."
+    test, val = heldout_pairs(cfg), val_heldout_pairs(cfg)
+    if split == "train": return test, val
+    if split == "val": return val, test
+    if split == "test": return test, ()
+    raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+
 def make_scene(seed: int, split: str, index: int, cfg: SceneConfig = SceneConfig()) -> Scene:
-    "Image `index` of `split` in the world of `seed`: independent of how many images are generated."
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+    """Image `index` of `split` drawn with `seed` (a world's `val_seed` for its validation split): independent of how
+    many images are generated."""
+    heldout, banned = split_pairs(split, cfg)
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    spec = sample_scene(rng, cfg, heldout_pairs(cfg) if cfg.heldout_frac > 0 else (), unseen=split == "test")
+    spec = sample_scene(rng, cfg, heldout, unseen=split != "train" and bool(heldout), banned=banned)
     caps = captions_for(spec, rng, cfg.captions_per_image)
     return Scene(split, index, spec, tuple(caps), int(rng.integers(len(caps))))
 
@@ -411,7 +439,7 @@ def _png(mask: np.ndarray, path: Path) -> None:
     im = Image.fromarray(mask.astype(np.uint8), mode="P"); im.putpalette(voc_palette()); im.save(path)
 
 # %% ../nbs/lib/12_scenes.ipynb #aec9bf1d
-WORLD_VERSION = 1
+WORLD_VERSION = 2   # 2: the validation split has held-out pairs of its own and its own seed
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -422,29 +450,36 @@ class WorldInfo:
     n_val: int
     n_test: int
     config: SceneConfig
-    heldout: tuple[tuple[str, str], ...]
+    heldout: tuple[tuple[str, str], ...]       # the test split's held-out pairs
     classes: tuple[str, ...]
     shards: tuple[Path, ...]
     karpathy_json: Path
     voc_dir: Path
     seconds: float = 0.0
+    val_seed: int = 1000                       # the seed the validation images are drawn with
+    val_heldout: tuple[tuple[str, str], ...] = ()   # the validation split's held-out pairs
 
     def params(self) -> dict:
-        return {"version": WORLD_VERSION, "seed": self.seed, "n_train": self.n_train, "n_val": self.n_val,
-                "n_test": self.n_test, "config": asdict(self.config)}
+        return {"version": WORLD_VERSION, "seed": self.seed, "val_seed": self.val_seed, "n_train": self.n_train,
+                "n_val": self.n_val, "n_test": self.n_test, "config": asdict(self.config)}
 
     def to_json(self) -> dict:
         rel = lambda p: str(Path(p).relative_to(self.root))
-        return {**self.params(), "heldout": [list(p) for p in self.heldout], "classes": list(self.classes),
+        return {**self.params(), "heldout": [list(p) for p in self.heldout],
+                "val_heldout": [list(p) for p in self.val_heldout], "classes": list(self.classes),
                 "shards": [rel(p) for p in self.shards], "karpathy_json": rel(self.karpathy_json),
                 "voc_dir": rel(self.voc_dir), "seconds": round(self.seconds, 2), "complete": True}
 
     @classmethod
     def from_json(cls, root: Path | str, d: dict) -> WorldInfo:
         root = Path(root)
+        if d.get("version") != WORLD_VERSION:
+            raise ValueError(f"{root} holds a world of version {d.get('version')}, this lexvla writes version "
+                             f"{WORLD_VERSION}: build it again (build_world(..., overwrite=True)) or use another folder")
         return cls(root, d["seed"], d["n_train"], d["n_val"], d["n_test"], SceneConfig(**d["config"]),
                    tuple(tuple(p) for p in d["heldout"]), tuple(d["classes"]), tuple(root / p for p in d["shards"]),
-                   root / d["karpathy_json"], root / d["voc_dir"], d.get("seconds", 0.0))
+                   root / d["karpathy_json"], root / d["voc_dir"], d.get("seconds", 0.0), d["val_seed"],
+                   tuple(tuple(p) for p in d["val_heldout"]))
 
 def load_world(root: Path | str) -> WorldInfo:
     "Read the `world.json` of a complete world."
@@ -455,24 +490,24 @@ def load_world(root: Path | str) -> WorldInfo:
     return WorldInfo.from_json(root, d)
 
 # %% ../nbs/lib/12_scenes.ipynb #c527b949
-def _train_samples(seed: int, n: int, cfg: SceneConfig, heldout, progress: bool) -> Iterator[tuple]:
+def _train_samples(seed: int, n: int, cfg: SceneConfig, progress: bool) -> Iterator[tuple]:
     for i in tqdm(range(n), desc="train scenes", disable=not progress, mininterval=1):
         sc = make_scene(seed, "train", i, cfg)
         img, _, inst = render_layers(sc.spec)
-        meta = scene_meta(sc, heldout, inst)
+        meta = scene_meta(sc, split_pairs("train", cfg)[0], inst)
         yield sc.key, _jpeg(img, cfg.jpeg_quality), sc.captions[sc.caption_index], {
             "width": cfg.image_size, "height": cfg.image_size, **meta}
 
-def _eval_sets(seed: int, counts: dict[str, int], cfg: SceneConfig, heldout, kdir: Path, vdir: Path, progress: bool) -> Path:
+def _eval_sets(seeds: dict[str, int], counts: dict[str, int], cfg: SceneConfig, kdir: Path, vdir: Path, progress: bool) -> Path:
     (kdir / "images").mkdir(parents=True, exist_ok=True)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
         (vdir / sub).mkdir(parents=True, exist_ok=True)
     (vdir / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     images, sentid = [], 0
     for split, n in counts.items():
-        names = []
+        names, heldout = [], split_pairs(split, cfg)[0]
         for i in tqdm(range(n), desc=f"{split} scenes", disable=not progress, mininterval=1):
-            sc = make_scene(seed, split, i, cfg)
+            sc = make_scene(seeds[split], split, i, cfg)
             img, cls, inst = render_layers(sc.spec)
             jpg = _jpeg(img, cfg.jpeg_quality)
             (kdir / "images" / f"{sc.name}.jpg").write_bytes(jpg)
@@ -491,17 +526,19 @@ def _eval_sets(seed: int, counts: dict[str, int], cfg: SceneConfig, heldout, kdi
 
 def build_world(root: Path | str, n_train: int = 20000, n_test: int = 500, seed: int = 0,
                 image_size: int | None = None, n_val: int | None = None, config: SceneConfig | None = None,
-                overwrite: bool = False, progress: bool = True) -> WorldInfo:
+                overwrite: bool = False, progress: bool = True, val_seed: int | None = None) -> WorldInfo:
     """Generate the scene world under `root` (train shards, Karpathy JSON, VOC folder) unless it is already there.
 
-    `n_val` (seen pairs) defaults to `n_test` (each image holds a held-out pair); `image_size` overrides `config`."""
+    `n_val` (each image holds a validation pair) defaults to `n_test` (each holds a test pair); the validation images
+    are drawn with `val_seed` (default `seed + 1000`); `image_size` overrides `config`."""
     if n_train < 0 or n_test < 0 or (n_val or 0) < 0: raise ValueError(f"negative image count: {n_train=}, {n_val=}, {n_test=}")
     cfg = config or SceneConfig()
     if image_size is not None: cfg = replace(cfg, image_size=image_size)
     n_val = n_test if n_val is None else n_val
+    val_seed = seed + 1000 if val_seed is None else val_seed
     root = Path(root)
     want = WorldInfo(root, seed, n_train, n_val, n_test, cfg, heldout_pairs(cfg), CLASSES, (),
-                     root / "karpathy" / "dataset_scenes.json", root / "voc")
+                     root / "karpathy" / "dataset_scenes.json", root / "voc", 0.0, val_seed, val_heldout_pairs(cfg))
     if (root / "world.json").exists():
         have = json.loads((root / "world.json").read_text())
         if have.get("complete") and {k: have.get(k) for k in want.params()} == want.params():
@@ -516,9 +553,9 @@ def build_world(root: Path | str, n_train: int = 20000, n_test: int = 500, seed:
         elif p.exists(): p.unlink()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    held = want.heldout
-    shards = write_shards(_train_samples(seed, n_train, cfg, held, progress), root / "train", cfg.samples_per_shard)
-    kjson = _eval_sets(seed, {"val": n_val, "test": n_test}, cfg, held, root / "karpathy", root / "voc", progress)
+    shards = write_shards(_train_samples(seed, n_train, cfg, progress), root / "train", cfg.samples_per_shard)
+    kjson = _eval_sets({"val": val_seed, "test": seed}, {"val": n_val, "test": n_test}, cfg, root / "karpathy",
+                       root / "voc", progress)
     info = replace(want, shards=tuple(shards), karpathy_json=kjson, seconds=time.perf_counter() - t0)
     (root / "world.json").write_text(json.dumps(info.to_json(), indent=1))
     return info

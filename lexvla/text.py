@@ -18,10 +18,10 @@ from transformers.cache_utils import DynamicLayer
 
 from .codebook import Codebook, elu1p
 from .config import TextConfig
-from .vocab import Vocabulary
+from .vocab import FUNCTION_WORDS, Vocabulary
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'length_buckets',
+__all__ = ['check_texts', 'split_prompt', 'content_words', 'bow_vectors', 'prefix_cache', 'length_buckets',
            'CaptionTruncatedWarning', 'TextEncoder', 'DenseTextEncoder']
 
 # %% ../nbs/lib/04_text.ipynb #0931287d
@@ -42,18 +42,11 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     return prefix, suffix
 
 # %% ../nbs/lib/04_text.ipynb #8575a244
-STOPWORDS = frozenset("""a an the and or but of to in on at by for with from into onto over under above below
-is are was were be been being am this that these those there here it its it's they them their he she his her
-we our you your i me my as than then so such very can could will would should may might must do does did has
-have had not no nor only also just some any each every all both either neither other another one two three four
-five six seven eight nine ten while where when which who whom whose what how why near next left right top bottom
-up down out off about like image picture photo shows showing shown describes words""".split())
-
 def content_words(text: str) -> list[str]:
-    "Lower-cased alphabetic words of `text` that are not stopwords, in order, without repeats."
+    "Lower-cased alphabetic words of `text` that are not function words (`lexvla.vocab.FUNCTION_WORDS`), in order, without repeats."
     seen: dict[str, None] = {}
     for w in re.findall(r"[a-z]+", text.lower()):
-        if w not in STOPWORDS and len(w) > 1: seen.setdefault(w, None)
+        if w not in FUNCTION_WORDS and len(w) > 1: seen.setdefault(w, None)
     return list(seen)
 
 def bow_vectors(texts: Sequence[str], vocab: Vocabulary) -> Tensor:
