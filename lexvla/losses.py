@@ -150,7 +150,7 @@ def warmup_weight(lam: float, step: int, warmup_steps: int) -> float:
 
 @dataclass(frozen=True)
 class LossConfig:
-    "Weights of the LexVLA objective (`10_losses`). Defaults assume L2-normalised, non-negative lexical vectors."
+    "Weights of the LexVLA objective (`07_losses`). Defaults assume L2-normalised, non-negative lexical vectors."
     lambda_flops: float = 0.1          # weight of FLOPs(img) + FLOPs(txt)
     lambda_overuse: float = 0.003      # weight of Over(img) + Over(txt); df_weighted is ~100x larger than FLOPs per unit
     overuse: str = "df_weighted"       # key of OVERUSE (chosen over three seeds in 41_ablations)

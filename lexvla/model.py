@@ -114,8 +114,8 @@ def encode_text(self: LexVLA, texts: Sequence[str], sparse: str | int | None = N
 # %% ../nbs/lib/06_model.ipynb #41193a57
 @patch
 def cache_frozen(self: LexVLA, on: bool = True) -> list[str]:
-    """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`05_vision`) and the
-    LM's hidden states below its lowest LoRA layer (`04_text`). Exact; pays when samples repeat. Returns the
+    """Cache what the frozen parts compute per sample: the vision backbone's patch tokens (`04_vision`) and the
+    LM's hidden states below its lowest LoRA layer (`03_text`). Exact; pays when samples repeat. Returns the
     towers cached, empty when nothing is frozen (the backbone trains and the LM has LoRA in layer 0)."""
     done = []
     if self.cfg.vision.freeze_backbone: self.vision.cache_tokens(on); done.append("vision")
@@ -158,7 +158,7 @@ def trainable_state_dict(self: LexVLA) -> dict[str, Tensor]:
 @patch
 def save_pretrained(self: LexVLA, directory: str | os.PathLike, tensors: dict[str, Tensor] | None = None) -> Path:
     """Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`. `tensors`:
-    the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `13_train`)."""
+    the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `12_train`)."""
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     if tensors is None: tensors = {n: host_tensor(t).contiguous() for n, t in self.trainable_state_dict().items()}
     meta = {"format": "pt", "torch": torch.__version__}   # random frozen towers are drawn by this torch (see from_pretrained)

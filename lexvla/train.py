@@ -61,7 +61,7 @@ GROUPS = ("lora", "adapter", "codebook", "vit", "logit_scale")
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigIO):
-    "How to train a LexVLA model (paper Sec. 4; `13_train`): model, data, objective, optimiser, schedule, precision, checkpoints."
+    "How to train a LexVLA model (paper Sec. 4; `12_train`): model, data, objective, optimiser, schedule, precision, checkpoints."
     data: DataConfig                         # the webdataset shards and batching (batch_size is per process)
     model: str = "tiny"                      # registered config name ('paper', 'smol', 'tiny') or a LexVLAConfig .yaml/.json
     model_overrides: dict | None = None      # nested LexVLAConfig fields to replace, e.g. {"text": {"gradient_checkpointing": True}}
@@ -91,7 +91,7 @@ class TrainConfig(ConfigIO):
     resume_data: str = "replay"              # "replay": fast-forward the data stream (exact); "reseed": a fresh stream (fast)
     progress: bool = True                    # tqdm progress bar on the main process
     cache_frozen: bool = False               # cache per-sample outputs of the frozen parts (LexVLA.cache_frozen; exact, pays when samples repeat)
-    dist_timeout: float = 600.0              # seconds a collective (or the machines' rendezvous) may wait for a rank before the run stops (17_multinode)
+    dist_timeout: float = 600.0              # seconds a collective (or the machines' rendezvous) may wait for a rank before the run stops (77_multinode)
 
     def __post_init__(self):
         check_fields(self)   # every field against its declared type; `data`/`loss` mappings become their configs
@@ -719,7 +719,7 @@ def finish_run(run: TrainRun) -> TrainResult:
 # %% ../nbs/lib/12_train.ipynb #ead2ae07
 def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None, model: LexVLA | None = None,
           loss_fn: LossFn | None = None, stop_at: int | None = None, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
-    """Train (or continue training) a LexVLA model as `cfg` says; see the notebook 13_train for the recipe.
+    """Train (or continue training) a LexVLA model as `cfg` says; see the notebook 12_train for the recipe.
 
     `eval_fn(model, step) -> dict` runs on the main process every `cfg.eval_every` steps; `model` replaces the
     model `cfg.model` would build; `loss_fn(out, step, loss_cfg)` replaces the objective of the model's head (`lexical_loss`,
@@ -728,7 +728,7 @@ def train(cfg: TrainConfig, eval_fn: Callable[[LexVLA, int], dict] | None = None
     (`TrainCallback`s) run after each step and before each checkpoint is committed.
     The process of rank 0 holds a lock on `cfg.out_dir` for the whole run: a second run into it fails at once. With
     several processes, an error of this rank is reported to the others, and a collective that fails (a rank lost, or
-    silent for `cfg.dist_timeout` s) raises `LostRankError` naming the ranks that failed or were lost (17_multinode)."""
+    silent for `cfg.dist_timeout` s) raises `LostRankError` naming the ranks that failed or were lost (77_multinode)."""
     main_process = int(os.environ.get("RANK", "0")) == 0   # before accelerate starts: only one lock per run
     follow_launcher()   # started by torchrun: die with the launcher, as the rest of this machine would
     report = FailureReport.connect(grace=min(30.0, cfg.dist_timeout / 4))
@@ -842,7 +842,7 @@ class LaunchError(RuntimeError):
 def launch_command(program: Sequence[str], num_processes: int = 1, mixed_precision: str = "no",
                    machines: Machines | None = None, join_timeout: float = 600.0) -> list[str]:
     """`python <program>` for one process on one machine; else `accelerate launch <program>` (torchrun, every line
-    tagged with its rank) with `num_processes` processes on this machine and the flags of `machines` (17_multinode:
+    tagged with its rank) with `num_processes` processes on this machine and the flags of `machines` (77_multinode:
     `launch_flags`; `join_timeout`: seconds the machines have to meet)."""
     import sys
     machines = machines or Machines()
@@ -876,7 +876,7 @@ def _signal_name(code: int | None) -> str:
 def run_launched(cmd: Sequence[str], num_processes: int = 1, env: dict[str, str] | None = None,
                  progress_every: float = 60.0, keep: int = 200, machines: Machines | None = None) -> None:
     """Run a `launch_command`, printing its output as it comes; `LaunchError` with the failing rank's own error if
-    any process fails (or, if the launcher failed before its ranks started, what went wrong: 17_multinode's
+    any process fails (or, if the launcher failed before its ranks started, what went wrong: 77_multinode's
     `explain_launch_failure`). `num_processes` are this machine's, `machines` the run's machines; `env` adds
     environment variables (a PYTHONPATH for callbacks, for example)."""
     import collections, subprocess

@@ -30,14 +30,14 @@ def test_clean_notebook_passes(tmp_path: Path) -> None:
 
 def test_notebook_with_output_fails_naming_it(tmp_path: Path) -> None:
     repo = _mini_repo(tmp_path)
-    nb_path = repo / "nbs" / "lib" / "00_core.ipynb"
+    nb_path = repo / "nbs" / "lib" / "70_core.ipynb"
     nb = json.loads(nb_path.read_text())
     code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     code["execution_count"] = 3
     code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hello\n"]}]
     nb_path.write_text(json.dumps(nb, indent=1))
     res = _check(repo, "clean")
-    assert res.returncode == 1 and "nbs/lib/00_core.ipynb" in res.stderr
+    assert res.returncode == 1 and "nbs/lib/70_core.ipynb" in res.stderr
 
 
 def test_library_out_of_sync_fails_naming_it(tmp_path: Path) -> None:
