@@ -158,7 +158,7 @@ def trainable_state_dict(self: LexVLA) -> dict[str, Tensor]:
 @patch
 def save_pretrained(self: LexVLA, directory: str | os.PathLike, tensors: dict[str, Tensor] | None = None) -> Path:
     """Write config.json, vocab.json and model.safetensors (trainable weights) atomically into `directory`. `tensors`:
-    the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `12_train`)."""
+    the trainable weights on the host, if the caller gathered them already (a model sharded by FSDP, `76_training`)."""
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     if tensors is None: tensors = {n: host_tensor(t).contiguous() for n, t in self.trainable_state_dict().items()}
     meta = {"format": "pt", "torch": torch.__version__}   # random frozen towers are drawn by this torch (see from_pretrained)
