@@ -120,7 +120,7 @@ will would ought
 not only also just very too again further here there then now once how why""".split())
 """English function words: articles, pronouns, determiners and quantifiers, prepositions, conjunctions, auxiliaries
 and modals, and a few grammatical adverbs. The one list of the package (vocabulary pruning, `lexvla.text.content_words`,
-`lexvla.evaluate.function_word_mass`); it leaves out the words the scene world uses as content (`12_scenes`)."""
+`lexvla.evaluate.function_word_mass`); it leaves out the words the scene world uses as content (`08_scenes`)."""
 
 @dataclass(frozen=True)
 class VocabRule:
