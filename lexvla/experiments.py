@@ -22,8 +22,8 @@ from .scenes import WorldInfo, build_world, load_world
 # %% auto #0
 __all__ = ['RECIPE_ARGS', 'BENCHMARKS', 'SPARSITY', 'get_world', 'recipe_file', 'recipe_config', 'train_on_world',
            'is_checkpoint', 'find_checkpoint', 'load_or_train', 'mean_pairwise_cosine', 'group_grad_norms',
-           'start_diagnostics', 'leaves_chance', 'first_batch', 'recipe_run', 'SplitVectors', 'true_words',
-           'encode_split', 'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks',
+           'start_diagnostics', 'leaves_chance', 'caption_ceiling', 'first_batch', 'recipe_run', 'SplitVectors',
+           'true_words', 'encode_split', 'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks',
            'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
 
 # %% ../nbs/lib/78_experiments.ipynb #40bb5d1d
@@ -58,10 +58,13 @@ def recipe_config(world_root: str | Path, out_dir: str | Path, recipe: str | Pat
     """The `TrainConfig` of `recipe` trained on the world's training shards into `out_dir`.
 
     Keyword arguments replace fields by the short names of `RECIPE_ARGS` (e.g. `lr=2e-3` sets all four non-LoRA
-    learning rates); `None` keeps the recipe's value."""
-    from lexvla.train import TrainConfig
+    learning rates); `None` keeps the recipe's value. `model_overrides` is merged into the recipe's own, key by key
+    (a variant's `{"head": "dense"}` keeps the recipe's LoRA layers)."""
+    from lexvla.train import TrainConfig, _merge
     unknown = sorted(set(kw) - set(RECIPE_ARGS))
     if unknown: raise TypeError(f"recipe_config: unknown argument(s) {unknown}; choose from {sorted(RECIPE_ARGS)}")
+    if kw.get("model_overrides") is not None:
+        kw["model_overrides"] = _merge(TrainConfig.from_file(recipe_file(recipe)).model_overrides or {}, kw["model_overrides"])
     sets = [f"data.urls={json.dumps(str(Path(world_root) / 'train'))}", f"out_dir={json.dumps(str(out_dir))}"]
     sets += [f"{field}={json.dumps(v)}" for k, v in kw.items() if v is not None for field in RECIPE_ARGS[k]]
     return TrainConfig.from_file(recipe_file(recipe), sets)   # JSON values are YAML; errors name the file and field
@@ -142,6 +145,23 @@ def leaves_chance(history: Sequence[dict], batch_size: int, margin: float = 0.1)
     "The first logged step whose contrastive loss `nce` is below ln(batch_size) - `margin`; None if none is."
     import math
     return next((h["step"] for h in history if "nce" in h and h["nce"] < math.log(batch_size) - margin), None)
+
+# %% ../nbs/lib/78_experiments.ipynb #f2b9c2fc
+def caption_ceiling(txt: Tensor, text_to_image: Sequence[int] | Tensor, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Text→image R@K (percent, keys `ceiling_t2i_R@K`) when each image is the normalised sum of its other captions'
+    vectors `txt` [T, V] (leave one out): how well the text tower's readings alone tell the images apart."""
+    from lexvla.retrieval import retrieval_ranks
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
+    if txt.dim() != 2 or len(txt) != len(t2i):
+        raise ValueError(f"caption_ceiling needs txt [T, V] with one row per entry of text_to_image ({len(t2i)}), got {tuple(txt.shape)}")
+    if (torch.bincount(t2i) < 2).any(): raise ValueError("caption_ceiling needs at least two captions per image")
+    txt = txt.detach().float()
+    S = torch.zeros(int(t2i.max()) + 1, txt.shape[1]).index_add_(0, t2i, txt)
+    scores = torch.nn.functional.normalize(S, dim=-1) @ txt.T                              # [I, T]: image k, caption j
+    own = torch.nn.functional.normalize(S[t2i] - txt, dim=-1)                              # [T, V]: image i without j
+    scores[t2i, torch.arange(len(t2i))] = (own * txt).sum(-1)
+    ranks = retrieval_ranks(scores, t2i)[1]
+    return {f"ceiling_t2i_R@{k}": 100.0 * float((ranks < k).float().mean()) for k in ks}
 
 # %% ../nbs/lib/78_experiments.ipynb #14bc6c70
 def first_batch(cfg) -> dict:
