@@ -77,7 +77,7 @@ pytest: install
 clean-nbs: install
 	$(BIN)/python tests/check_repo.py strip
 
-## run-nbs: run library notebooks top to bottom, one at a time, and save their outputs (NBS="01_vocab 06_sparse": a subset)
+## run-nbs: run library notebooks top to bottom, one at a time, and save their outputs (NBS="01_vocab 05_sparse": a subset)
 NBS ?=
 run-nbs: install export
 	$(BIN)/python tests/run_nbs.py $(NBS)

@@ -1,4 +1,4 @@
-"""The engine choice of `nbs/lib/16_search.ipynb`, measured: build and query one embedded engine on a cached corpus.
+"""The engine choice of `nbs/lib/79_search.ipynb`, measured: build and query one embedded engine on a cached corpus.
 
 Uses the corpora and ground truth that `bench_search.py` caches (run it first for the sizes you want). Needs only
 numpy and the engine's own package, so each engine can live in its own virtual environment:

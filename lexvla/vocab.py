@@ -15,7 +15,7 @@ from typing import Any, Iterable, NamedTuple
 from .core import check_fields, package_path
 
 # %% auto #0
-__all__ = ['SP_MARKER', 'BL_MARKER', 'SCRIPTS', 'CATEGORIES', 'ENGLISH_STOPWORDS', 'LLAMA2_GGUF', 'detect_scheme', 'Piece',
+__all__ = ['SP_MARKER', 'BL_MARKER', 'SCRIPTS', 'CATEGORIES', 'FUNCTION_WORDS', 'LLAMA2_GGUF', 'detect_scheme', 'Piece',
            'token_pieces', 'VocabRule', 'Vocabulary', 'prune_vocab', 'classify_tokens', 'vocab_report', 'llama2_dir',
            'llama2_tokenizer']
 
@@ -104,14 +104,23 @@ SCRIPTS = ("ascii", "latin", "any")
 CATEGORIES = ("special", "byte", "whitespace", "digits", "punctuation", "other_script", "fragment",
               "too_short", "stopword", "duplicate", "max_size", "kept")
 
-ENGLISH_STOPWORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between both but by
-can could did do does doing down during each few for from further had has have having he her here hers herself him
-himself his how i if in into is it its itself just me more most my myself no nor not now of off on once only or other
-our ours ourselves out over own same she should so some such than that the their theirs them themselves then there
-these they this those through to too under until up very was we were what when where which while who whom why will
-with would you your yours yourself yourselves
-""".split())  # closed-class English words (articles, pronouns, prepositions, conjunctions, auxiliaries)
+FUNCTION_WORDS: frozenset[str] = frozenset("""
+a an the
+i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it its itself
+we us our ours ourselves they them their theirs themselves this that these those who whom whose which what
+whoever whatever someone somebody something anyone anybody anything everyone everybody everything no-one nobody
+nothing all any each every few more most other another some such no own same
+of to in on at by for with from into onto about across after against along among around before behind beside
+besides between beyond despite during except inside near off out outside past per since through throughout till
+toward towards underneath until up upon via within without down
+and or but nor yet so because although though while whereas if unless whether than as when whenever where
+wherever both either neither
+be am is are was were been being have has had having do does did doing can could may might must shall should
+will would ought
+not only also just very too again further here there then now once how why""".split())
+"""English function words: articles, pronouns, determiners and quantifiers, prepositions, conjunctions, auxiliaries
+and modals, and a few grammatical adverbs. The one list of the package (vocabulary pruning, `lexvla.text.content_words`,
+`lexvla.evaluate.function_word_mass`); it leaves out the words the scene world uses as content (`08_scenes`)."""
 
 @dataclass(frozen=True)
 class VocabRule:
@@ -122,7 +131,7 @@ class VocabRule:
     script: str = "latin"           # letters allowed: 'ascii' (a-z), 'latin' (Latin script incl. accents), 'any' (every script)
     min_letters: int = 1            # shortest word kept
     merge_case: bool = True         # lowercase words and keep one token per word (`▁Dog`, `▁dog`, `dog` -> 'dog')
-    drop_stopwords: bool = False    # drop `ENGLISH_STOPWORDS` (the, of, and, ...)
+    drop_stopwords: bool = False    # drop `FUNCTION_WORDS` (the, of, and, ...)
     max_size: int | None = None     # keep only the lowest-id words (BPE ids are roughly frequency-ordered); None = all
 
     def __post_init__(self):
@@ -165,7 +174,7 @@ def _category(p: Piece, rule: VocabRule) -> str:
     if SCRIPTS.index(shape) > SCRIPTS.index(rule.script): return "other_script"
     if rule.word_start and not p.word_start: return "fragment"
     if len(w) < rule.min_letters: return "too_short"
-    if rule.drop_stopwords and w.lower() in ENGLISH_STOPWORDS: return "stopword"
+    if rule.drop_stopwords and w.lower() in FUNCTION_WORDS: return "stopword"
     return "kept"
 
 def _classify(pieces: list[Piece], rule: VocabRule) -> dict[int, tuple[str, str | None]]:

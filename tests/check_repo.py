@@ -9,7 +9,8 @@ are committed with the outputs of one fresh top-to-bottom run (`make run-nbs`, t
 execution counts kept, counts 1, 2, 3, ... in cell order, no errors. *Experiment* notebooks (papermill, with a
 `parameters`-tagged cell) are committed without outputs or counts. Both keep only the `tags` cell metadata.
 Until every library notebook has been run once, a library notebook may also be committed without any outputs;
-`REQUIRE_EXECUTED = True` (or `clean --strict`) makes a run compulsory.
+`REQUIRE_EXECUTED = True` (or `clean --strict`) makes a run compulsory. No committed output prints a float with more
+than `MAX_SIGNIFICANT` significant digits (`0.10000000149011612` is float32 noise, not a result): round what is shown.
 
 Every check exits non-zero and names each offending file.
 """
@@ -33,6 +34,7 @@ BIN = Path(sys.executable).parent
 REQUIRE_EXECUTED = True      # library notebooks must carry the outputs of one top-to-bottom run (`make run-nbs`)
 WARN_BYTES = 1_000_000       # a library notebook above this size is reported
 MAX_BYTES = 2_000_000        # ... and above this one fails the check (keep the repository small)
+MAX_SIGNIFICANT = 6          # digits a float printed in a committed output may carry (leading and trailing zeros not counted)
 
 Notebook = dict[str, Any]
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+):?\s*(.*)$")
@@ -112,6 +114,43 @@ def normalise(nb: Notebook, library: bool, root: Path = ROOT) -> Notebook:
     return nb
 
 
+# A float as Python, NumPy or pandas print it: digits, a point, digits, an optional exponent; not part of a longer dotted
+# token (a version `2.13.0`, an address `127.0.0.1`) nor of a word (`0.5em`, `v1.23`).
+FLOAT_REPR = re.compile(r"(?<![\w.])[-+]?(\d+\.\d+)(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def significant_digits(number: str) -> int:
+    "Significant digits of a float as printed: the mantissa's digits without leading or trailing zeros (`9200000.0`: 2)."
+    digits = re.sub(r"\D", "", re.split(r"[eE]", number)[0])
+    return len(digits.strip("0"))
+
+
+def long_floats(text: str, limit: int = MAX_SIGNIFICANT) -> list[str]:
+    "The float reprs in `text` with more than `limit` significant digits, in order."
+    return [m.group(0) for m in FLOAT_REPR.finditer(text) if significant_digits(m.group(1)) > limit]
+
+
+def _output_texts(cell: dict) -> list[str]:
+    "The text of a code cell's outputs: streams and every text/* form of results and displays (not images)."
+    out = []
+    for o in cell.get("outputs", []):
+        if "text" in o: out.append(_source({"source": o["text"]}))
+        out += [_source({"source": v}) for k, v in o.get("data", {}).items() if k.startswith("text/")]
+    return out
+
+
+def long_float_outputs(nb: Notebook, limit: int = MAX_SIGNIFICANT) -> list[str]:
+    "One line per code cell whose outputs print a float with more than `limit` significant digits, with the first ones."
+    out = []
+    for i, cell in enumerate(nb["cells"], 1):
+        if cell["cell_type"] != "code": continue
+        found = list(dict.fromkeys(f for t in _output_texts(cell) for f in long_floats(t, limit)))
+        if found:
+            out.append(f"cell {i} (id {cell.get('id', '?')}) prints {', '.join(found[:3])}"
+                       + (f" and {len(found) - 3} more" if len(found) > 3 else ""))
+    return out
+
+
 def _has_outputs(nb: Notebook) -> bool:
     return any(c.get("outputs") or c.get("execution_count") is not None for c in nb["cells"] if c["cell_type"] == "code")
 
@@ -159,6 +198,8 @@ def notebook_problems(path: Path, root: Path = ROOT, strict: bool = REQUIRE_EXEC
                        f"make its outputs smaller (fewer rows, smaller figures), then {rerun}")
         elif size > WARN_BYTES:
             print(f"warning: {rel} is {size / 1e6:.1f} MB with its outputs", file=sys.stderr)
+        out += [f"LONG FLOAT: {rel}: {where} (more than {MAX_SIGNIFICANT} significant digits); round what the cell shows "
+                f"(round(x, 4), f'{{x:.4g}}'), then {rerun}" for where in long_float_outputs(nb)]
     if not out and nb_text(normalise(nb, library, root)) != path.read_text(encoding="utf-8"):
         out.append(f"NOT CLEAN: {rel} has stray metadata (only cell `tags` are kept) or is not in nbformat's layout; "
                    "run `make clean-nbs` and commit")

@@ -83,7 +83,7 @@ def main(names: list[str]) -> int:
                  "(README) and committed without outputs")
     paths = [p for p in paths if p not in experiments]
     os.environ.update(ENV)
-    os.environ.pop("IN_TEST", None)  # a reader's run, not nbdev_test's (only 12_scenes reads it: a larger sample)
+    os.environ.pop("IN_TEST", None)  # a reader's run, not nbdev_test's (only 08_scenes reads it: a larger sample)
     failed, total = [], 0.0
     for path in paths:
         before, start = path.stat().st_size, time.time()

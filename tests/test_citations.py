@@ -3,9 +3,9 @@
 Every notebook, module, config, test, benchmark script and README is scanned for
 (a) mentions of the team's working files that live outside the repository (the method is documented in
     `nbs/index.ipynb`, section "The method", and the notebooks cite the paper and each other instead), and
-(b) citations of repository files that do not exist: paths in backticks (`nbs/lib/13_train.ipynb`,
+(b) citations of repository files that do not exist: paths in backticks (`nbs/lib/12_train.ipynb`,
     `lexvla/configs/paper_cc12m.yaml`), markdown links `[text](path)`, and notebook names in backticks
-    (`13_train` must be `nbs/lib/13_train.ipynb`; `train` is `nbs/train.ipynb`).
+    (`12_train` must be `nbs/lib/12_train.ipynb`; `train` is `nbs/train.ipynb`).
 Outputs written at run time (`runs/...`, `$OUT/...`, `~/...`), absolute paths, URLs and templates are not citations.
 """
 from __future__ import annotations
@@ -93,12 +93,12 @@ def test_the_check_finds_bad_citations(tmp_path: Path) -> None:
     for ref in ("nbs/99_missing.ipynb", "lexvla/configs/missing.yaml", "docs/history.md", "99_missing", "MISSING.md",
                 "../shared/assets/x.gguf"):
         assert is_citation(ref) and not exists(ref, ROOT / "nbs" / "index.ipynb"), ref
-    for ref in ("nbs/lib/13_train.ipynb", "lexvla/configs/paper_cc12m.yaml", "13_train", "41_ablations", "index.ipynb", "README.md",
+    for ref in ("nbs/lib/12_train.ipynb", "lexvla/configs/paper_cc12m.yaml", "12_train", "41_ablations", "index.ipynb", "README.md",
                 "../lexvla/train.py"):
         assert is_citation(ref) and exists(ref, ROOT / "nbs" / "index.ipynb"), ref
     for ref in ("runs/train/metrics.json", "../runs/x.md", "$OUT/a.md", "~/x.md", "https://a.b/c.md", "lexvla.losses",
                 "{key}.jpg", "/data/cc12m/x.tar", "x / y"):
         assert not is_citation(ref), ref
     tick = "`"  # sample text assembled so that this file cites nothing missing
-    sample = "a [link](" + "docs/x.md) and " + tick + "nbs/00_core.ipynb" + tick + ", " + tick + "30_prompt_study" + tick
-    assert citations(sample) == ["nbs/00_core.ipynb", "30_prompt_study", "docs/x.md"]
+    sample = "a [link](" + "docs/x.md) and " + tick + "nbs/70_core.ipynb" + tick + ", " + tick + "30_prompt_study" + tick
+    assert citations(sample) == ["nbs/70_core.ipynb", "30_prompt_study", "docs/x.md"]

@@ -30,14 +30,14 @@ def test_clean_notebook_passes(tmp_path: Path) -> None:
 
 def test_notebook_with_output_fails_naming_it(tmp_path: Path) -> None:
     repo = _mini_repo(tmp_path)
-    nb_path = repo / "nbs" / "lib" / "00_core.ipynb"
+    nb_path = repo / "nbs" / "lib" / "70_core.ipynb"
     nb = json.loads(nb_path.read_text())
     code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     code["execution_count"] = 3
     code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hello\n"]}]
     nb_path.write_text(json.dumps(nb, indent=1))
     res = _check(repo, "clean")
-    assert res.returncode == 1 and "nbs/lib/00_core.ipynb" in res.stderr
+    assert res.returncode == 1 and "nbs/lib/70_core.ipynb" in res.stderr
 
 
 def test_library_out_of_sync_fails_naming_it(tmp_path: Path) -> None:
@@ -168,3 +168,28 @@ def test_absolute_checkout_path_in_outputs_fails(tmp_path: Path) -> None:
     _write_nb(repo / "nbs" / "lib.ipynb", _lib(1)[:1] + [_code("print(p)", 2, f"{repo}/nbs/data.bin\n")])
     res = _clean(repo)
     assert res.returncode == 1 and "MACHINE-SPECIFIC: nbs/lib.ipynb" in res.stderr
+
+
+def test_significant_digits_and_float_reprs() -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from check_repo import long_floats, significant_digits
+    # by hand: the mantissa's digits without leading or trailing zeros
+    assert [significant_digits(x) for x in ("9200000.0", "0.10000000149011612", "1.44e-05", "0.583333", "100.0", "0.000123")] \
+        == [2, 17, 3, 6, 1, 3]
+    assert long_floats("a 0.10000000149011612 b 66.66666865348816 c 0.583333 d 9200000.0 e 1.0000001e-05") \
+        == ["0.10000000149011612", "66.66666865348816", "1.0000001e-05"]
+    # versions, addresses, words and integers are not float reprs
+    assert long_floats("torch 2.13.0+cpu on 127.0.0.1:29500, 22056576 weights, v1.2345678, 0.1234567em") == []
+
+
+def test_long_float_in_an_output_fails_naming_the_cell(tmp_path: Path) -> None:
+    noisy = _lib(1)[:1] + [_code("x", 2, "{'loss': 0.10000000149011612}\n")]
+    res = _clean(_nb_repo(tmp_path / "noisy", lib=noisy))
+    assert res.returncode == 1 and "LONG FLOAT: nbs/lib.ipynb: cell 2" in res.stderr and "0.10000000149011612" in res.stderr
+    html = _lib(1)[:1] + [{**_code("df", 2), "outputs": [{"output_type": "execute_result", "execution_count": 2, "metadata": {},
+                                                           "data": {"text/html": ["<td>66.66666865348816</td>"],
+                                                                    "text/plain": ["66.67"]}}]}]
+    res = _clean(_nb_repo(tmp_path / "html", lib=html))
+    assert res.returncode == 1 and "LONG FLOAT: nbs/lib.ipynb: cell 2" in res.stderr and "66.66666865348816" in res.stderr
+    rounded = _lib(1)[:1] + [_code("x", 2, "{'loss': 0.1, 'scale': 9200000.0, 'p': 0.583333}\n")]
+    assert _clean(_nb_repo(tmp_path / "rounded", lib=rounded)).returncode == 0

@@ -355,7 +355,7 @@ def test_clip_benchmark_without_open_clip_says_so(tmp_path, monkeypatch):
 
 def test_documented_clip_benchmark_command_uses_the_checkpoint_make_train_writes():
     import re
-    nb = json.loads((ROOT / "nbs" / "lib" / "20_retrieval.ipynb").read_text())
+    nb = json.loads((ROOT / "nbs" / "lib" / "09_retrieval.ipynb").read_text())
     text = "\n".join("".join(c["source"]) for c in nb["cells"])
     model, path = re.search(r"--model_type lexvla --model (\S+) --pretrained (\S+)", text).groups()
     params = "".join(next(c["source"] for c in json.loads((ROOT / "nbs" / "train.ipynb").read_text())["cells"]

@@ -194,7 +194,7 @@ def test_main_guard_is_inert_under_nbdev_test():
     "nbdev_test runs notebook cells with __name__ == '__main__': the exported guard cell must not call main() there."
     from execnb.nbio import read_nb
     from execnb.shell import CaptureShell
-    cell = next(c.source for c in read_nb(ROOT / "nbs" / "lib" / "13_train.ipynb").cells if 'if __name__ == "__main__"' in c.source)
+    cell = next(c.source for c in read_nb(ROOT / "nbs" / "lib" / "76_training.ipynb").cells if 'if __name__ == "__main__"' in c.source)
     sh = CaptureShell()
     sh.run("called = []\ndef main(*args): called.append(args)")
     sh.run(cell)
