@@ -22,9 +22,10 @@ from .scenes import WorldInfo, build_world, load_world
 # %% auto #0
 __all__ = ['RECIPE_ARGS', 'BENCHMARKS', 'SPARSITY', 'get_world', 'recipe_file', 'recipe_config', 'train_on_world',
            'is_checkpoint', 'find_checkpoint', 'load_or_train', 'mean_pairwise_cosine', 'group_grad_norms',
-           'start_diagnostics', 'leaves_chance', 'caption_ceiling', 'first_batch', 'recipe_run', 'SplitVectors',
-           'true_words', 'encode_split', 'markdown_table', 'save_table', 'require_checkpoint', 'load_benchmarks',
-           'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables', 'benchmark_figures']
+           'start_diagnostics', 'leaves_chance', 'other_captions_reading', 'caption_ceiling', 'first_batch',
+           'recipe_run', 'SplitVectors', 'true_words', 'encode_split', 'markdown_table', 'save_table',
+           'require_checkpoint', 'load_benchmarks', 'evaluate_benchmarks', 'table1', 'table2', 'write_benchmark_tables',
+           'benchmark_figures']
 
 # %% ../nbs/lib/78_experiments.ipynb #40bb5d1d
 def get_world(world_dir: str | Path, n_train: int = 1000, n_test: int = 200, seed: int = 0,
@@ -147,19 +148,28 @@ def leaves_chance(history: Sequence[dict], batch_size: int, margin: float = 0.1)
     return next((h["step"] for h in history if "nce" in h and h["nce"] < math.log(batch_size) - margin), None)
 
 # %% ../nbs/lib/78_experiments.ipynb #f2b9c2fc
+def _caption_sums(txt: Tensor, text_to_image: Sequence[int] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "Checked inputs: `txt` [T, V] as float, the image of each caption [T], and the sum of each image's captions [I, V]."
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
+    if txt.dim() != 2 or len(txt) != len(t2i):
+        raise ValueError(f"caption readings need txt [T, V] with one row per entry of text_to_image ({len(t2i)}), got {tuple(txt.shape)}")
+    if (torch.bincount(t2i) < 2).any(): raise ValueError("caption readings need at least two captions per image")
+    txt = txt.detach().float()
+    return txt, t2i, torch.zeros(int(t2i.max()) + 1, txt.shape[1]).index_add_(0, t2i, txt)
+
+def other_captions_reading(txt: Tensor, text_to_image: Sequence[int] | Tensor) -> Tensor:
+    """[T, V]: for each caption j, its image read by the image's *other* captions, normalise(S_i − t_j): the vector an
+    image tower that predicted its captions' average reading exactly would give, with caption j left out."""
+    txt, t2i, S = _caption_sums(txt, text_to_image)
+    return torch.nn.functional.normalize(S[t2i] - txt, dim=-1)
+
 def caption_ceiling(txt: Tensor, text_to_image: Sequence[int] | Tensor, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
     """Text→image R@K (percent, keys `ceiling_t2i_R@K`) when each image is the normalised sum of its other captions'
     vectors `txt` [T, V] (leave one out): how well the text tower's readings alone tell the images apart."""
     from lexvla.retrieval import retrieval_ranks
-    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
-    if txt.dim() != 2 or len(txt) != len(t2i):
-        raise ValueError(f"caption_ceiling needs txt [T, V] with one row per entry of text_to_image ({len(t2i)}), got {tuple(txt.shape)}")
-    if (torch.bincount(t2i) < 2).any(): raise ValueError("caption_ceiling needs at least two captions per image")
-    txt = txt.detach().float()
-    S = torch.zeros(int(t2i.max()) + 1, txt.shape[1]).index_add_(0, t2i, txt)
+    txt, t2i, S = _caption_sums(txt, text_to_image)
     scores = torch.nn.functional.normalize(S, dim=-1) @ txt.T                              # [I, T]: image k, caption j
-    own = torch.nn.functional.normalize(S[t2i] - txt, dim=-1)                              # [T, V]: image i without j
-    scores[t2i, torch.arange(len(t2i))] = (own * txt).sum(-1)
+    scores[t2i, torch.arange(len(t2i))] = (other_captions_reading(txt, t2i) * txt).sum(-1)  # image i without j
     ranks = retrieval_ranks(scores, t2i)[1]
     return {f"ceiling_t2i_R@{k}": 100.0 * float((ranks < k).float().mean()) for k in ks}
 
