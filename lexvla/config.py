@@ -47,6 +47,7 @@ class TextConfig:
     lora_layers: tuple[int, ...] | None = None  # None: every layer; else only these decoder layers get LoRA
     max_caption_tokens: int = 64  # captions are truncated to this many tokens
     score_shift: str = "logsumexp"  # "logsumexp": ELU1p of the LM's log-probabilities; "none": of its raw logits
+    score_offset: float = 0.0  # k nats added after the shift: ELU1p(log p + k), words with p > e^-k on ELU1p's linear part
     prefix_cache: bool = True  # compute the static prompt prefix once per batch (a speed-up, same result)
     gradient_checkpointing: bool = False  # on the LM (the prefix cache is read-only, so it is kept under checkpointing)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the LM: "sdpa" (fused), "eager" (reference)
@@ -59,6 +60,7 @@ class TextConfig:
         if self.mode not in ("lm", "bow"): raise ValueError(f"TextConfig.mode must be 'lm' or 'bow', got {self.mode!r}")
         if self.score_shift not in ("logsumexp", "none"):
             raise ValueError(f"TextConfig.score_shift must be 'logsumexp' or 'none', got {self.score_shift!r}")
+        if self.score_offset < 0: raise ValueError(f"TextConfig.score_offset must be >= 0 nats, got {self.score_offset}")
         if self.length_buckets < 1: raise ValueError(f"TextConfig.length_buckets must be >= 1, got {self.length_buckets}")
         if self.codebook_init not in ("lm_head", "input_embeddings"):
             raise ValueError(f"TextConfig.codebook_init must be 'lm_head' or 'input_embeddings', got {self.codebook_init!r}")

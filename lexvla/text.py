@@ -196,6 +196,7 @@ class TextEncoder(nn.Module):
         if self.cfg.mode == "bow": return bow_vectors(texts, self.vocab).to(self.device)
         s = self.scores(texts)
         if self.cfg.score_shift == "logsumexp": s = s - s.logsumexp(-1, keepdim=True)  # log-probabilities over the vocabulary
+        s = s + self.cfg.score_offset   # k nats: words with log p > -k sit on ELU1p's linear part
         return F.normalize(elu1p(s), dim=-1)
 
     # --- the frozen bottom of the LM as a cached feature extractor (see `cache_states`) ---

@@ -47,6 +47,8 @@ def test_coerce_names_the_field(value, ann, field, message) -> None:
     (lambda: get_config("tiny_dense", text=TextConfig(mode="bow")), "head='dense' needs text.mode='lm'"),
     (lambda: LexVLAConfig.from_dict({"text": {"lora_r": 8.5}}), "LexVLAConfig.text.lora_r must be an integer, got 8.5"),
     (lambda: TextConfig(prefix_cache="false"), "TextConfig.prefix_cache must be true or false, got 'false' (str)"),
+    (lambda: TextConfig(score_offset=-1.0), "TextConfig.score_offset must be >= 0 nats, got -1.0"),
+    (lambda: LexVLAConfig.from_dict({"text": {"score_offset": [4]}}), "LexVLAConfig.text.score_offset must be a number"),
     (lambda: VisionConfig(mean=[0.5, "x", 0.5]), "VisionConfig.mean[1] must be a number"),
 ])
 def test_configs_refuse_bad_fields(build, message) -> None:
