@@ -5,6 +5,7 @@
 # %% ../nbs/lib/02_codebook.ipynb #7c9eccba
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'chunked_max_scores']
+__all__ = ['elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'winner_matrix', 'chunked_max_scores']
 
 # %% ../nbs/lib/02_codebook.ipynb #3dfb6fc9
 def elu1p(x: Tensor) -> Tensor:
@@ -53,21 +54,37 @@ class Codebook(nn.Module):
     def forward(self, h: Tensor) -> Tensor: return F.linear(h, self.weight.to(h.dtype))
 
     def max_scores(self, h: Tensor, chunk: int | None = None) -> Tensor:
-        """max over the patch axis of h·Zᵀ for h [B, N, D] -> [B, V], `chunk` patches at a time.
+        """max over the patch axis of h·Zᵀ for h [B, N, D] -> [B, V], `chunk` patches at a time (None: all at once).
 
-        Chunking never materialises the whole B×N×V tensor (the memory hot spot at paper scale), in the forward
-        pass nor, through `chunked_max_scores`, in the backward pass; since ELU1p is monotone, ELU1p(max) equals
-        max(ELU1p)."""
-        if chunk is None or chunk >= h.shape[1]: return self(h).amax(dim=1)
+        Under grad it goes through `chunked_max_scores`, whose backward pass scatters the gradient to the winning
+        patches only: no B×N×V gradient, and with `chunk` no B×N×V score tensor either (the memory hot spot at paper
+        scale). Since ELU1p is monotone, ELU1p(max) equals max(ELU1p)."""
         if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
-            return chunked_max_scores(h, self.weight, chunk)
+            return chunked_max_scores(h, self.weight, chunk or h.shape[1])
+        if chunk is None or chunk >= h.shape[1]: return self(h).amax(dim=1)
         out = None
         for s in range(0, h.shape[1], chunk):
             m = self(h[:, s:s + chunk]).amax(dim=1)
             out = m if out is None else torch.maximum(out, m)
         return out
 
+
 # %% ../nbs/lib/02_codebook.ipynb #9b448f6d
+def winner_matrix(arg: Tensor, g: Tensor, n: int) -> Tensor:
+    """The gradient of max over patches as a sparse [B·n, V] CSR matrix: row b·n + arg[b, v], column v, value g[b, v].
+
+    `arg` [B, V] holds each (image, word)'s winning patch, `g` [B, V] the gradient of the max. One entry per
+    (image, word): B·V non-zeros where the dense one-hot gradient has B·n·V cells."""
+    B, V = arg.shape
+    rows = (arg + n * torch.arange(B, device=arg.device).view(B, 1)).reshape(-1)
+    order = torch.argsort(rows, stable=True)
+    crow = torch.zeros(B * n + 1, dtype=torch.long, device=arg.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=B * n), 0)
+    cols = torch.arange(V, device=arg.device).repeat(B)[order]
+    with warnings.catch_warnings():   # torch flags sparse CSR as beta once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, g.reshape(-1)[order], size=(B * n, V), check_invariants=False)
+
 class _ChunkedMaxScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, chunk: int) -> Tensor:
@@ -80,22 +97,16 @@ class _ChunkedMaxScores(torch.autograd.Function):
                 win = m > best
                 best, arg = torch.where(win, m, best), torch.where(win, i + s, arg)
         ctx.save_for_backward(h, weight, arg)
-        ctx.chunk = chunk
         return best
 
     @staticmethod
     def backward(ctx, g: Tensor):
         h, weight, arg = ctx.saved_tensors
-        z, g = weight.to(h.dtype), g.to(h.dtype)
-        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        gz = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[1], ctx.chunk):
-            hc = h[:, s:s + ctx.chunk]
-            n = torch.arange(s, s + hc.shape[1], device=h.device).view(1, -1, 1)
-            G = (arg.unsqueeze(1) == n).to(h.dtype) * g.unsqueeze(1)  # [B, c, V], one non-zero per (b, v)
-            if gh is not None: gh[:, s:s + hc.shape[1]] = G @ z
-            if gz is not None: gz += (G.flatten(0, 1).transpose(0, 1) @ hc.flatten(0, 1)).float()
-        return gh, (gz.to(weight.dtype) if gz is not None else None), None
+        B, N, D = h.shape
+        G = winner_matrix(arg, g.float(), N)   # sparse products in float32 (half-precision sparse kernels are patchy)
+        gh = (G @ weight.float()).view(B, N, D).to(h.dtype) if ctx.needs_input_grad[0] else None
+        gz = (G.t() @ h.reshape(B * N, D).float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return gh, gz, None
 
 def chunked_max_scores(h: Tensor, weight: Tensor, chunk: int) -> Tensor:
     "max over N of h·weightᵀ for h [B, N, D], weight [V, D] -> [B, V], never holding more than B×chunk×V scores."
@@ -103,3 +114,4 @@ def chunked_max_scores(h: Tensor, weight: Tensor, chunk: int) -> Tensor:
         raise ValueError(f"chunked_max_scores needs h [B, N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
     if chunk < 1: raise ValueError(f"chunk must be >= 1, got {chunk}")
     return _ChunkedMaxScores.apply(h, weight, chunk)
+
