@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'winner_matrix', 'chunked_max_scores']
+__all__ = ['SPARSE_DEVICES', 'elu1p', 'codebook_rows', 'centred_rows', 'Codebook', 'winner_matrix', 'chunked_max_scores']
 
 # %% ../nbs/lib/02_codebook.ipynb #3dfb6fc9
 def elu1p(x: Tensor) -> Tensor:
@@ -77,13 +77,14 @@ def winner_matrix(arg: Tensor, g: Tensor, n: int) -> Tensor:
     (image, word): B·V non-zeros where the dense one-hot gradient has B·n·V cells."""
     B, V = arg.shape
     rows = (arg + n * torch.arange(B, device=arg.device).view(B, 1)).reshape(-1)
-    order = torch.argsort(rows, stable=True)
-    crow = torch.zeros(B * n + 1, dtype=torch.long, device=arg.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=B * n), 0)
+    sorted_rows, order = torch.sort(rows, stable=True)
+    crow = torch.searchsorted(sorted_rows, torch.arange(B * n + 1, device=arg.device))  # entries in rows before each row
     cols = torch.arange(V, device=arg.device).repeat(B)[order]
     with warnings.catch_warnings():   # torch flags sparse CSR as beta once per process
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, cols, g.reshape(-1)[order], size=(B * n, V), check_invariants=False)
+
+SPARSE_DEVICES = ("cpu", "cuda")   # device types with sparse CSR matrix products in torch
 
 class _ChunkedMaxScores(torch.autograd.Function):
     @staticmethod
@@ -103,7 +104,10 @@ class _ChunkedMaxScores(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         h, weight, arg = ctx.saved_tensors
         B, N, D = h.shape
-        G = winner_matrix(arg, g.float(), N)   # sparse products in float32 (half-precision sparse kernels are patchy)
+        if h.device.type not in SPARSE_DEVICES:   # no sparse kernels (e.g. `meta`): the dense one-hot gradient
+            G = torch.zeros(B, N, weight.shape[0], dtype=torch.float32, device=h.device)
+            G = G.scatter_(1, arg.unsqueeze(1), g.float().unsqueeze(1)).view(B * N, -1)
+        else: G = winner_matrix(arg, g.float(), N)   # sparse products in float32 (half-precision sparse kernels are patchy)
         gh = (G @ weight.float()).view(B, N, D).to(h.dtype) if ctx.needs_input_grad[0] else None
         gz = (G.t() @ h.reshape(B * N, D).float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return gh, gz, None
@@ -114,4 +118,5 @@ def chunked_max_scores(h: Tensor, weight: Tensor, chunk: int) -> Tensor:
         raise ValueError(f"chunked_max_scores needs h [B, N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
     if chunk < 1: raise ValueError(f"chunk must be >= 1, got {chunk}")
     return _ChunkedMaxScores.apply(h, weight, chunk)
+
 
