@@ -46,7 +46,7 @@ RECIPE_ARGS: dict[str, tuple[str, ...]] = {   # recipe_config's short names -> t
     "use_overuse": ("loss.use_overuse",), "overuse": ("loss.overuse",), "overuse_on": ("loss.overuse_on",),
     "overuse_min_share": ("loss.overuse_min_share",), "seed": ("seed", "data.seed"), "save_every": ("save_every",),
     "progress": ("progress",), "resume": ("resume",), "cache_frozen": ("cache_frozen",), "log_every": ("log_every",),
-    "lr_logit_scale": ("lr_logit_scale",)}
+    "lr_logit_scale": ("lr_logit_scale",), "lr_codebook": ("lr_codebook",), "lr_adapter": ("lr_adapter",)}
 
 def recipe_file(recipe: str | Path) -> Path:
     "A training-recipe file: a `.yaml`/`.json` path, or the name of one shipped in `lexvla/configs/` (e.g. 'main_job')."
