@@ -79,3 +79,14 @@ def test_main_job_v8_keeps_the_scene_worlds_single_token_words() -> None:
     assert sorted(keep) == dropped and len(dropped) == 10, (keep, dropped)
     v = prune_vocab(tok, VocabRule.from_dict(rule.to_dict() | {"keep": keep}))
     assert len(v) == len(base) == 8192 and all(v.index(w) is not None for w in single)
+
+
+def test_main_job_v9_is_v7_with_v8s_kept_words() -> None:
+    "`main_job_v9.yaml` (43_recipe, round 10) is `main_job_v7.yaml`'s recipe plus `main_job_v8.yaml`'s kept words, nothing else."
+    import yaml
+
+    from lexvla.core import package_path
+
+    v7, v8, v9 = (yaml.safe_load(package_path("configs", f"main_job_v{i}.yaml").read_text()) for i in (7, 8, 9))
+    assert v9["model_overrides"].pop("vocab") == v8["model_overrides"]["vocab"]
+    assert v9 == v7
