@@ -88,11 +88,17 @@ class VisionConfig:
     codebook_init: str = "copy"  # Z_img starts as "copy" of Z_txt, or "centred": Z_txt minus its mean row, rows at equal norm
     patch_chunk: int | None = None  # compute the BxNxV patch scores this many patches at a time (memory)
     attn_implementation: str = "sdpa"  # transformers attention kernel of the backbone: "sdpa" or "eager"
+    extra_layers: tuple[int, ...] = ()  # DINOv2 blocks (1 = first) whose patch tokens, through the backbone's final norm,
+                                        # are concatenated to the last block's before the adapter (04_vision)
 
     def __post_init__(self):
         check_fields(self)
         if self.backbone_type not in ("dinov2", "clip"):
             raise ValueError(f"VisionConfig.backbone_type must be 'dinov2' or 'clip', got {self.backbone_type!r}")
+        if self.extra_layers and self.backbone_type != "dinov2":
+            raise ValueError(f"VisionConfig.extra_layers reads DINOv2 blocks; backbone_type is {self.backbone_type!r}")
+        if any(k < 1 for k in self.extra_layers) or len(set(self.extra_layers)) != len(self.extra_layers):
+            raise ValueError(f"VisionConfig.extra_layers must be distinct block numbers >= 1, got {self.extra_layers}")
         if self.codebook_init not in ("copy", "centred"):
             raise ValueError(f"VisionConfig.codebook_init must be 'copy' or 'centred', got {self.codebook_init!r}")
 

@@ -152,7 +152,11 @@ class PatchEncoder(nn.Module):
         width, patch = backbone.config.hidden_size, backbone.config.patch_size
         if cfg.image_size % patch: raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size {patch}")
         self.grid = (cfg.image_size // patch, cfg.image_size // patch)
-        self.adapter = Adapter(width, out_dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
+        n_blocks = backbone.config.num_hidden_layers
+        if any(k >= n_blocks for k in cfg.extra_layers):
+            raise ValueError(f"VisionConfig.extra_layers {cfg.extra_layers}: the backbone has {n_blocks} blocks and its "
+                             f"last is always read; extra blocks must be 1..{n_blocks - 1}")
+        self.adapter = Adapter(width * (1 + len(cfg.extra_layers)), out_dim, cfg.adapter_heads, cfg.adapter_mlp_hidden)
         self.n_prefix = _n_prefix_tokens(backbone)
         self.token_cache: TokenCache | None = None  # see `cache_tokens`
         if cfg.freeze_backbone:
@@ -184,12 +188,15 @@ class PatchEncoder(nn.Module):
         self.token_cache = TokenCache() if on else None
 
     def _backbone(self, pixels: Tensor) -> Tensor:
+        extra = self.cfg.extra_layers
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
-            out = self.backbone(pixel_values=pixels.to(next(self.backbone.parameters()).dtype)).last_hidden_state
-        return out[:, self.n_prefix:]
+            out = self.backbone(pixel_values=pixels.to(next(self.backbone.parameters()).dtype), output_hidden_states=bool(extra))
+            tokens = torch.cat([out.last_hidden_state, *(self.backbone.layernorm(out.hidden_states[k]) for k in extra)], -1)
+        return tokens[:, self.n_prefix:]
 
     def backbone_tokens(self, pixels: Tensor) -> Tensor:
-        "The backbone's last-layer patch tokens [B, N, D] (CLS and registers dropped), from the cache when it has them."
+        """The backbone's last-layer patch tokens [B, N, D] (CLS and registers dropped), then those of `extra_layers`
+        (through the final norm) on the channels: [B, N, D·(1 + len(extra_layers))]; from the cache when it has them."""
         pixels = self.check_pixels(pixels)
         if self.token_cache is None: return self._backbone(pixels)
         return self.token_cache.lookup(pixels, self._backbone)
