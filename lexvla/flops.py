@@ -77,7 +77,7 @@ def train_flops(cfg: LexVLAConfig, V: int, tokens: Tokens, batch: int, prefix_ca
         fwd = sum(f.values())
         bwd = f["dense"] + 2 * f["attn"] + 2 * f["lora"]  # frozen weights: dgrad only; LoRA: dgrad + wgrad
         return fwd, bwd, (fwd if checkpointing else 0.0)
-    ad = adapter_flops(vit["hidden_size"], D, cfg.vision.adapter_mlp_hidden, n)
+    ad = adapter_flops(vit["hidden_size"] * (1 + len(cfg.vision.extra_layers)), D, cfg.vision.adapter_mlp_hidden, n)
     mapper = 2 * n * V * D
     def total(prefix_cache, checkpointing):
         f, b, r = lm_fb(prefix_cache, checkpointing)
@@ -91,7 +91,7 @@ def infer_flops(cfg: LexVLAConfig, V: int, tokens: Tokens, batch: int, lm: dict 
                 vit: dict | None = None) -> dict[str, float]:
     "Inference FLOPs per sample of encode_image and encode_text (prefix cached: once per batch)."
     lm, vit, n, D = _parts(cfg, lm, vit)
-    ad = adapter_flops(vit["hidden_size"], D, cfg.vision.adapter_mlp_hidden, n)
+    ad = adapter_flops(vit["hidden_size"] * (1 + len(cfg.vision.extra_layers)), D, cfg.vision.adapter_mlp_hidden, n)
     P, T = tokens.prefix, tokens.caption + tokens.suffix
     txt = sum(llama_forward(lm, T, P, cfg.text.lora_r, cfg.text.lora_targets).values())
     txt += sum(llama_forward(lm, P, 0, cfg.text.lora_r, cfg.text.lora_targets).values()) / batch + 2 * D * V
