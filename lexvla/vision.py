@@ -191,7 +191,8 @@ class PatchEncoder(nn.Module):
         extra = self.cfg.extra_layers
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
             out = self.backbone(pixel_values=pixels.to(next(self.backbone.parameters()).dtype), output_hidden_states=bool(extra))
-            tokens = torch.cat([out.last_hidden_state, *(self.backbone.layernorm(out.hidden_states[k]) for k in extra)], -1)
+            tokens = out.last_hidden_state
+            if extra: tokens = torch.cat([tokens, *(self.backbone.layernorm(out.hidden_states[k]) for k in extra)], -1)
         return tokens[:, self.n_prefix:]
 
     def backbone_tokens(self, pixels: Tensor) -> Tensor:
